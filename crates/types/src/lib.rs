@@ -5,3 +5,7 @@ pub mod guest;
 pub mod ids;
 
 pub use ids::{BuildId, SandboxId, TemplateId};
+
+/// Version of envd that this source tree builds. The SDK enables features by comparing
+/// it with fixed versions, so it must not claim a feature envd does not implement in full.
+pub const ENVD_VERSION: &str = "0.6.4";
