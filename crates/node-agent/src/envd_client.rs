@@ -1,0 +1,110 @@
+//! The node agent's side of envd's HTTP API: readiness and initialisation after a restore.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use hearth_types::guest::ENVD_PORT;
+use serde::Serialize;
+
+/// Interval between readiness probes. A restored guest usually answers on the first or
+/// second probe, so a short interval keeps create latency low without busy-looping.
+const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Timeout of one probe or `/init` request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors talking to envd in a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvdError {
+    /// envd did not answer `/health` in time.
+    #[error("envd at {address} did not become healthy within {waited:?}")]
+    NotReady { address: Ipv4Addr, waited: Duration },
+    /// `/init` failed.
+    #[error("envd at {address} rejected /init: {reason}")]
+    Init { address: Ipv4Addr, reason: String },
+}
+
+/// Body of envd's `POST /init`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitRequest<'a> {
+    /// Environment variables every process inherits.
+    pub env_vars: &'a HashMap<String, String>,
+    /// Token envd requires in `X-Access-Token`; `None` leaves envd open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<&'a str>,
+    /// Host wall clock in RFC 3339, so a guest restored from an old snapshot is not in the past.
+    pub timestamp: String,
+    /// User that commands run as unless a request names one.
+    pub default_user: &'a str,
+    /// Working directory of commands unless a request names one.
+    pub default_workdir: &'a str,
+}
+
+/// HTTP client for the envd of guests on this node.
+#[derive(Clone)]
+pub struct EnvdClient {
+    http: reqwest::Client,
+}
+
+impl EnvdClient {
+    pub fn new() -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(REQUEST_TIMEOUT)
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("a client without TLS or proxies always builds");
+        Self { http }
+    }
+
+    /// Polls `GET /health` until envd answers with success or `deadline` passes.
+    pub async fn wait_healthy(&self, address: Ipv4Addr, deadline: Duration) -> Result<(), EnvdError> {
+        let url = format!("http://{address}:{ENVD_PORT}/health");
+        let started = Instant::now();
+        loop {
+            let attempt = self.http.get(&url).send().await;
+            if matches!(&attempt, Ok(response) if response.status().is_success()) {
+                return Ok(());
+            }
+            if started.elapsed() >= deadline {
+                return Err(EnvdError::NotReady { address, waited: started.elapsed() });
+            }
+            tokio::time::sleep(HEALTH_POLL_INTERVAL).await;
+        }
+    }
+
+    /// Sends `POST /init`. `previous_token` authenticates the call when envd already holds a
+    /// token (after a resume), since envd checks it on every route except `/health`.
+    pub async fn init(
+        &self,
+        address: Ipv4Addr,
+        request: &InitRequest<'_>,
+        previous_token: Option<&str>,
+    ) -> Result<(), EnvdError> {
+        let url = format!("http://{address}:{ENVD_PORT}/init");
+        let mut call = self.http.post(&url).json(request);
+        if let Some(token) = previous_token {
+            call = call.header("X-Access-Token", token);
+        }
+
+        let response = call
+            .send()
+            .await
+            .map_err(|err| EnvdError::Init { address, reason: err.to_string() })?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            return Err(EnvdError::Init { address, reason: format!("HTTP {status}: {body}") });
+        }
+        Ok(())
+    }
+}
+
+impl Default for EnvdClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
