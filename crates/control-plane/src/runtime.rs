@@ -25,6 +25,9 @@ pub struct SandboxSpec {
     pub env_vars: HashMap<String, String>,
     /// Token envd requires in `X-Access-Token` when the sandbox was created with `secure`.
     pub envd_access_token: Option<String>,
+    /// False when the request set `allow_internet_access: false`: the sandbox must not reach
+    /// the internet. True when the request allowed it or left it unset.
+    pub allow_internet_access: bool,
 }
 
 /// A sandbox the node agent has started and whose envd answers.

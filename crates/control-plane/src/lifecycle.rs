@@ -1,0 +1,117 @@
+//! Background work: the timeout reaper, start-up reconciliation and shutdown.
+
+use std::collections::HashSet;
+
+use chrono::Utc;
+use hearth_types::SandboxId;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::runtime::RuntimeError;
+use crate::store::StoreError;
+use crate::ControlPlane;
+
+/// What [`ControlPlane::reconcile`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Sandboxes the database listed as running that the runtime did not report; now killed.
+    pub marked_killed: Vec<SandboxId>,
+    /// Sandboxes the runtime reported that the database did not list as running; now stopped.
+    pub stopped_unknown: Vec<SandboxId>,
+}
+
+impl ControlPlane {
+    /// Spawns the task that kills sandboxes whose end time has passed, every
+    /// `config.reaper_interval`, until [`ControlPlane::shutdown`] is called.
+    pub fn spawn_reaper(&self) -> JoinHandle<()> {
+        let control_plane = self.clone();
+        let mut shutting_down = self.inner.shutting_down.subscribe();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(control_plane.config().reaper_interval);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = shutting_down.wait_for(|stop| *stop) => break,
+                }
+                if let Err(err) = control_plane.reap_expired().await {
+                    tracing::error!(error = %crate::error::error_chain(&err), "timeout reaper pass failed");
+                }
+            }
+            tracing::debug!("timeout reaper stopped");
+        })
+    }
+
+    /// Stops every running sandbox whose end time has passed and marks it killed. Returns
+    /// how many were killed. A sandbox whose stop fails is marked killed all the same, with
+    /// the error logged, so one broken VM cannot make every pass retry it forever.
+    pub async fn reap_expired(&self) -> Result<usize, StoreError> {
+        let expired = self.store().list_expired_sandboxes(Utc::now()).await?;
+        let mut killed = 0;
+        for sandbox in expired {
+            self.stop_quietly(&sandbox.sandbox_id, "timeout").await;
+            if self.store().mark_sandbox_killed(&sandbox.sandbox_id, Utc::now()).await? {
+                tracing::info!(sandbox_id = %sandbox.sandbox_id, end_at = %sandbox.end_at, "sandbox killed at its timeout");
+                killed += 1;
+            }
+        }
+        Ok(killed)
+    }
+
+    /// Aligns the database with the runtime after a start: sandboxes recorded as running
+    /// that the runtime does not run are marked killed, and sandboxes the runtime runs
+    /// without a running record are stopped. [`crate::build`] calls it once.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, StoreError> {
+        let recorded: HashSet<SandboxId> = self.store().list_running_sandbox_ids().await?.into_iter().collect();
+        let running: HashSet<SandboxId> = self.runtime().running().await.into_iter().collect();
+
+        let mut report = ReconcileReport::default();
+        for sandbox_id in recorded.difference(&running) {
+            if self.store().mark_sandbox_killed(sandbox_id, Utc::now()).await? {
+                tracing::warn!(sandbox_id = %sandbox_id, "sandbox recorded as running is not running on the node; marked killed");
+                report.marked_killed.push(sandbox_id.clone());
+            }
+        }
+        for sandbox_id in running.difference(&recorded) {
+            tracing::warn!(sandbox_id = %sandbox_id, "node runs a sandbox the control plane has no running record of; stopping it");
+            self.stop_quietly(sandbox_id, "reconcile").await;
+            report.stopped_unknown.push(sandbox_id.clone());
+        }
+        report.marked_killed.sort();
+        report.stopped_unknown.sort();
+        Ok(report)
+    }
+
+    /// Stops the reaper, refuses new sandboxes and kills every running sandbox through the
+    /// runtime, in parallel. Call it once before the process exits.
+    pub async fn shutdown(&self) -> Result<(), StoreError> {
+        self.inner.shutting_down.send_replace(true);
+        let running = self.store().list_running_sandbox_ids().await?;
+        tracing::info!(count = running.len(), "shutting down: killing running sandboxes");
+
+        let mut stops = JoinSet::new();
+        for sandbox_id in running {
+            let control_plane = self.clone();
+            stops.spawn(async move {
+                control_plane.stop_quietly(&sandbox_id, "shutdown").await;
+                control_plane.store().mark_sandbox_killed(&sandbox_id, Utc::now()).await
+            });
+        }
+        while let Some(result) = stops.join_next().await {
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => return Err(err),
+                Err(err) => tracing::error!(error = %err, "sandbox stop task failed during shutdown"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops a sandbox, logging a failure instead of returning it. A sandbox the runtime
+    /// does not know is already stopped.
+    async fn stop_quietly(&self, sandbox_id: &SandboxId, reason: &str) {
+        match self.runtime().stop(sandbox_id).await {
+            Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+            Err(err) => tracing::error!(sandbox_id = %sandbox_id, reason, error = %err, "sandbox stop failed"),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! An in-process [`SandboxRuntime`] that records calls, for tests of the control plane and
+//! of code built on it. It starts nothing: sandboxes exist only in its table.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use hearth_types::SandboxId;
+
+use crate::runtime::{RuntimeError, SandboxRuntime, SandboxSpec, StartedSandbox};
+
+/// One call the control plane made.
+#[derive(Clone, Debug)]
+pub enum RuntimeCall {
+    Start(SandboxSpec),
+    Stop(SandboxId),
+}
+
+/// Records calls and keeps the set of "running" sandbox IDs.
+#[derive(Debug, Default)]
+pub struct RecordingRuntime {
+    calls: Mutex<Vec<RuntimeCall>>,
+    running: Mutex<BTreeSet<SandboxId>>,
+    /// When set, `start` fails with this error message.
+    fail_starts_with: Mutex<Option<String>>,
+}
+
+impl RecordingRuntime {
+    /// Creates a runtime with no sandboxes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Creates a runtime that reports `ids` as running, as after a restart of the server.
+    pub fn with_running(ids: impl IntoIterator<Item = SandboxId>) -> Self {
+        let runtime = Self::default();
+        runtime.running.lock().unwrap().extend(ids);
+        runtime
+    }
+
+    /// Makes every later `start` fail with `RuntimeError::Failed(message)`, or succeed again with `None`.
+    pub fn fail_starts(&self, message: Option<&str>) {
+        *self.fail_starts_with.lock().unwrap() = message.map(str::to_owned);
+    }
+
+    /// Calls made so far, in order.
+    pub fn calls(&self) -> Vec<RuntimeCall> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// Specs of the `start` calls made so far.
+    pub fn started(&self) -> Vec<SandboxSpec> {
+        self.calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                RuntimeCall::Start(spec) => Some(spec),
+                RuntimeCall::Stop(_) => None,
+            })
+            .collect()
+    }
+
+    /// IDs of the `stop` calls made so far.
+    pub fn stopped(&self) -> Vec<SandboxId> {
+        self.calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                RuntimeCall::Stop(id) => Some(id),
+                RuntimeCall::Start(_) => None,
+            })
+            .collect()
+    }
+
+    /// Whether the runtime considers `sandbox_id` running.
+    pub fn is_running(&self, sandbox_id: &SandboxId) -> bool {
+        self.running.lock().unwrap().contains(sandbox_id)
+    }
+}
+
+#[async_trait]
+impl SandboxRuntime for RecordingRuntime {
+    async fn start(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Start(spec.clone()));
+        if let Some(message) = self.fail_starts_with.lock().unwrap().clone() {
+            return Err(RuntimeError::Failed(message));
+        }
+        self.running.lock().unwrap().insert(spec.sandbox_id);
+        Ok(StartedSandbox { envd_version: hearth_types::ENVD_VERSION.to_owned() })
+    }
+
+    async fn stop(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Stop(sandbox_id.clone()));
+        if self.running.lock().unwrap().remove(sandbox_id) {
+            Ok(())
+        } else {
+            Err(RuntimeError::NotFound(sandbox_id.clone()))
+        }
+    }
+
+    async fn running(&self) -> Vec<SandboxId> {
+        self.running.lock().unwrap().iter().cloned().collect()
+    }
+}
