@@ -1,8 +1,8 @@
 //! API errors: the JSON body `{"code", "message"}` with the status codes the E2B SDK maps.
 //!
 //! The SDK (e2b 2.63.0, `e2b/api/__init__.py`) turns 401 into `AuthenticationException`,
-//! 429 into `RateLimitException` and 503 into `ServiceBusyException`; each method maps 404
-//! itself (for example `SandboxNotFoundException`), and every other status becomes a
+//! 429 into `RateLimitException` and 503 into `ServiceBusyException`. Each method maps 404
+//! itself (for example to `SandboxNotFoundException`). Every other status becomes a
 //! `SandboxException` whose text is `"<status>: <message>"`.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -20,7 +20,7 @@ use utoipa::ToSchema;
 pub struct ErrorBody {
     /// HTTP status code, repeated in the body.
     pub code: u16,
-    /// What failed, on which value.
+    /// Description of the failure, naming the value involved.
     pub message: String,
     /// Machine-readable reason, where one applies (for example `sandbox_create_failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -38,7 +38,11 @@ pub struct ApiError {
 impl ApiError {
     /// Creates an error with any status.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), error_code: None }
+        Self {
+            status,
+            message: message.into(),
+            error_code: None,
+        }
     }
 
     /// 400: a request value is invalid.
@@ -68,7 +72,10 @@ impl ApiError {
     pub fn internal(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
         let chain = error_chain(err);
         tracing::error!(error = %chain, "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{context}: {chain}"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{context}: {chain}"),
+        )
     }
 
     /// Attaches a machine-readable reason.
@@ -77,7 +84,7 @@ impl ApiError {
         self
     }
 
-    /// The HTTP status.
+    /// Returns the HTTP status.
     pub fn status(&self) -> StatusCode {
         self.status
     }

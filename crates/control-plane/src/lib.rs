@@ -51,7 +51,7 @@ pub struct ControlPlaneConfig {
     /// it ignores the domain. `None` returns null, which makes the SDK use its own
     /// `E2B_DOMAIN` setting.
     pub domain: Option<String>,
-    /// Longest timeout a request may set.
+    /// Maximum timeout a request may set.
     pub max_timeout: Duration,
     /// How often the reaper looks for sandboxes whose end time has passed.
     pub reaper_interval: Duration,
@@ -118,7 +118,11 @@ pub async fn build(
     }
 
     let store = Store::open(&config.data_dir).await?;
-    let env_key_hashes = config.api_keys_from_env.iter().map(|key| auth::hash_api_key(key)).collect();
+    let env_key_hashes = config
+        .api_keys_from_env
+        .iter()
+        .map(|key| auth::hash_api_key(key))
+        .collect();
     let control_plane = ControlPlane {
         inner: Arc::new(Inner {
             store,

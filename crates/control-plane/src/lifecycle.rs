@@ -10,7 +10,7 @@ use crate::runtime::RuntimeError;
 use crate::store::StoreError;
 use crate::ControlPlane;
 
-/// What [`ControlPlane::reconcile`] changed.
+/// Changes made by [`ControlPlane::reconcile`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReconcileReport {
     /// Sandboxes the database listed as running that the runtime did not report; now killed.
@@ -49,7 +49,11 @@ impl ControlPlane {
         let mut killed = 0;
         for sandbox in expired {
             self.stop_quietly(&sandbox.sandbox_id, "timeout").await;
-            if self.store().mark_sandbox_killed(&sandbox.sandbox_id, Utc::now()).await? {
+            if self
+                .store()
+                .mark_sandbox_killed(&sandbox.sandbox_id, Utc::now())
+                .await?
+            {
                 tracing::info!(sandbox_id = %sandbox.sandbox_id, end_at = %sandbox.end_at, "sandbox killed at its timeout");
                 killed += 1;
             }
@@ -61,12 +65,21 @@ impl ControlPlane {
     /// that the runtime does not run are marked killed, and sandboxes the runtime runs
     /// without a running record are stopped. [`crate::build`] calls it once.
     pub async fn reconcile(&self) -> Result<ReconcileReport, StoreError> {
-        let recorded: HashSet<SandboxId> = self.store().list_running_sandbox_ids().await?.into_iter().collect();
+        let recorded: HashSet<SandboxId> = self
+            .store()
+            .list_running_sandbox_ids()
+            .await?
+            .into_iter()
+            .collect();
         let running: HashSet<SandboxId> = self.runtime().running().await.into_iter().collect();
 
         let mut report = ReconcileReport::default();
         for sandbox_id in recorded.difference(&running) {
-            if self.store().mark_sandbox_killed(sandbox_id, Utc::now()).await? {
+            if self
+                .store()
+                .mark_sandbox_killed(sandbox_id, Utc::now())
+                .await?
+            {
                 tracing::warn!(sandbox_id = %sandbox_id, "sandbox recorded as running is not running on the node; marked killed");
                 report.marked_killed.push(sandbox_id.clone());
             }
@@ -86,21 +99,29 @@ impl ControlPlane {
     pub async fn shutdown(&self) -> Result<(), StoreError> {
         self.inner.shutting_down.send_replace(true);
         let running = self.store().list_running_sandbox_ids().await?;
-        tracing::info!(count = running.len(), "shutting down: killing running sandboxes");
+        tracing::info!(
+            count = running.len(),
+            "shutting down: killing running sandboxes"
+        );
 
         let mut stops = JoinSet::new();
         for sandbox_id in running {
             let control_plane = self.clone();
             stops.spawn(async move {
                 control_plane.stop_quietly(&sandbox_id, "shutdown").await;
-                control_plane.store().mark_sandbox_killed(&sandbox_id, Utc::now()).await
+                control_plane
+                    .store()
+                    .mark_sandbox_killed(&sandbox_id, Utc::now())
+                    .await
             });
         }
         while let Some(result) = stops.join_next().await {
             match result {
                 Ok(Ok(_)) => {}
                 Ok(Err(err)) => return Err(err),
-                Err(err) => tracing::error!(error = %err, "sandbox stop task failed during shutdown"),
+                Err(err) => {
+                    tracing::error!(error = %err, "sandbox stop task failed during shutdown")
+                }
             }
         }
         Ok(())
@@ -111,7 +132,9 @@ impl ControlPlane {
     async fn stop_quietly(&self, sandbox_id: &SandboxId, reason: &str) {
         match self.runtime().stop(sandbox_id).await {
             Ok(()) | Err(RuntimeError::NotFound(_)) => {}
-            Err(err) => tracing::error!(sandbox_id = %sandbox_id, reason, error = %err, "sandbox stop failed"),
+            Err(err) => {
+                tracing::error!(sandbox_id = %sandbox_id, reason, error = %err, "sandbox stop failed")
+            }
         }
     }
 }

@@ -277,7 +277,7 @@ pub struct TemplateWithBuilds {
     pub builds: Vec<TemplateBuild>,
 }
 
-/// Answer of `GET /templates/aliases/{alias}`.
+/// Response of `GET /templates/aliases/{alias}`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TemplateAliasResponse {
     #[serde(rename = "templateID")]

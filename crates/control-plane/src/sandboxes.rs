@@ -15,7 +15,7 @@ use crate::runtime::{RuntimeError, SandboxSpec};
 use crate::store::{BuildStatus, NewSandboxRecord, SandboxRecord};
 use crate::{validate, ControlPlane};
 
-/// Which create route a request came through; the two differ in defaults.
+/// Create route a request came through. The two routes differ in their defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CreateApi {
     /// `POST /sandboxes`: default timeout 15 s, envd token only with `secure: true`.
@@ -59,19 +59,24 @@ impl ControlPlane {
             ));
         }
 
-        let template = self.store().find_template(&request.template).await?.ok_or_else(|| {
-            ApiError::not_found(format!(
-                "template {:?} not found: no template has this ID or alias",
-                request.template
-            ))
-        })?;
+        let template = self
+            .store()
+            .find_template(&request.template)
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "template {:?} not found: no template has this ID or alias",
+                    request.template
+                ))
+            })?;
         if template.status != BuildStatus::Ready {
             return Err(ApiError::bad_request(format!(
                 "template {:?} has no ready build (status {})",
                 request.template, template.status
             )));
         }
-        let alias = (request.template != template.template_id.as_str()).then(|| request.template.clone());
+        let alias =
+            (request.template != template.template_id.as_str()).then(|| request.template.clone());
 
         let sandbox_id = SandboxId::generate();
         let envd_access_token = request.secure.then(generate_access_token);
@@ -81,7 +86,11 @@ impl ControlPlane {
             build_id: template.build_id.clone(),
             vcpus: template.vcpus,
             memory_mib: template.memory_mib,
-            env_vars: request.env_vars.clone().into_iter().collect::<HashMap<_, _>>(),
+            env_vars: request
+                .env_vars
+                .clone()
+                .into_iter()
+                .collect::<HashMap<_, _>>(),
             envd_access_token: envd_access_token.clone(),
             allow_internet_access: request.allow_internet_access.unwrap_or(true),
         };
@@ -118,7 +127,11 @@ impl ControlPlane {
             }
             return Err(err.into());
         }
-        if let Err(err) = self.store().record_template_spawn(&template.template_id, now).await {
+        if let Err(err) = self
+            .store()
+            .record_template_spawn(&template.template_id, now)
+            .await
+        {
             tracing::warn!(template_id = %template.template_id, error = %err, "failed to count a template spawn");
         }
 
@@ -133,13 +146,19 @@ impl ControlPlane {
         self.store()
             .get_live_sandbox(&sandbox_id)
             .await?
-            .ok_or_else(|| ApiError::not_found(format!("sandbox {sandbox_id} was killed while it was being created")))
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "sandbox {sandbox_id} was killed while it was being created"
+                ))
+            })
     }
 
     fn validate_create(&self, api: CreateApi, body: NewSandbox) -> Result<CreateRequest, ApiError> {
         let template = body.template_id.trim().to_owned();
         if template.is_empty() {
-            return Err(ApiError::bad_request("invalid templateID \"\": expected a template ID or alias"));
+            return Err(ApiError::bad_request(
+                "invalid templateID \"\": expected a template ID or alias",
+            ));
         }
 
         let default_timeout = match api {
@@ -170,7 +189,11 @@ impl ControlPlane {
     }
 
     /// Stops a sandbox and marks it killed. Returns false when no live sandbox has the ID.
-    pub(crate) async fn kill_sandbox(&self, sandbox_id: &SandboxId, reason: &str) -> Result<bool, ApiError> {
+    pub(crate) async fn kill_sandbox(
+        &self,
+        sandbox_id: &SandboxId,
+        reason: &str,
+    ) -> Result<bool, ApiError> {
         if self.store().get_live_sandbox(sandbox_id).await?.is_none() {
             return Ok(false);
         }
@@ -184,7 +207,10 @@ impl ControlPlane {
                 ));
             }
         }
-        let marked = self.store().mark_sandbox_killed(sandbox_id, Utc::now()).await?;
+        let marked = self
+            .store()
+            .mark_sandbox_killed(sandbox_id, Utc::now())
+            .await?;
         if marked {
             tracing::info!(sandbox_id = %sandbox_id, reason, "sandbox killed");
         }
@@ -192,7 +218,11 @@ impl ControlPlane {
     }
 
     /// Sets a running sandbox's end time to now plus `timeout_secs`, shorter or longer.
-    pub(crate) async fn set_sandbox_timeout(&self, sandbox_id: &SandboxId, timeout_secs: i64) -> Result<(), ApiError> {
+    pub(crate) async fn set_sandbox_timeout(
+        &self,
+        sandbox_id: &SandboxId,
+        timeout_secs: i64,
+    ) -> Result<(), ApiError> {
         let timeout = validate::timeout_secs("timeout", timeout_secs, self.config().max_timeout)?;
         let end_at = Utc::now() + timeout;
         if !self.store().set_sandbox_end(sandbox_id, end_at).await? {
@@ -223,18 +253,34 @@ impl ControlPlane {
 
 /// 404 for a sandbox ID with no running or paused sandbox.
 pub(crate) fn sandbox_not_found(sandbox_id: &SandboxId) -> ApiError {
-    ApiError::not_found(format!("sandbox {sandbox_id} not found: it does not exist or was killed"))
+    ApiError::not_found(format!(
+        "sandbox {sandbox_id} not found: it does not exist or was killed"
+    ))
 }
 
 fn reject_unsupported_options(body: &NewSandbox) -> Result<(), ApiError> {
     if body.mcp.as_ref().is_some_and(|mcp| !mcp.is_null()) {
-        return Err(ApiError::bad_request("invalid mcp: MCP gateways are not supported by this Hearth server"));
+        return Err(ApiError::bad_request(
+            "invalid mcp: MCP gateways are not supported by this Hearth server",
+        ));
     }
-    if body.iam.as_ref().is_some_and(|iam| !is_empty_json(iam, "tokens")) {
-        return Err(ApiError::bad_request("invalid iam: workload identity is not supported by this Hearth server"));
+    if body
+        .iam
+        .as_ref()
+        .is_some_and(|iam| !is_empty_json(iam, "tokens"))
+    {
+        return Err(ApiError::bad_request(
+            "invalid iam: workload identity is not supported by this Hearth server",
+        ));
     }
-    if body.volume_mounts.as_ref().is_some_and(|mounts| !mounts.is_empty()) {
-        return Err(ApiError::bad_request("invalid volumeMounts: volumes are not supported by this Hearth server"));
+    if body
+        .volume_mounts
+        .as_ref()
+        .is_some_and(|mounts| !mounts.is_empty())
+    {
+        return Err(ApiError::bad_request(
+            "invalid volumeMounts: volumes are not supported by this Hearth server",
+        ));
     }
     if let Some(resume) = &body.auto_resume {
         if resume.get("enabled").and_then(Value::as_bool) == Some(true) {
@@ -249,7 +295,7 @@ fn reject_unsupported_options(body: &NewSandbox) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Accepts a network configuration only when it asks for nothing beyond the defaults.
+/// Accepts a network configuration only when it requests nothing beyond the defaults.
 // TODO: apply allowOut/denyOut rules once the node agent enforces per-sandbox egress lists.
 fn check_network(network: &Value) -> Result<(), ApiError> {
     let Value::Object(fields) = network else {
@@ -280,11 +326,13 @@ fn check_network(network: &Value) -> Result<(), ApiError> {
 fn is_empty_json(value: &Value, field: &str) -> bool {
     match value {
         Value::Null => true,
-        Value::Object(object) => object.get(field).is_none_or(|inner| match inner {
-            Value::Null => true,
-            Value::Object(map) => map.is_empty(),
-            _ => false,
-        }) && object.keys().all(|key| key == field),
+        Value::Object(object) => {
+            object.get(field).is_none_or(|inner| match inner {
+                Value::Null => true,
+                Value::Object(map) => map.is_empty(),
+                _ => false,
+            }) && object.keys().all(|key| key == field)
+        }
         _ => false,
     }
 }
@@ -293,16 +341,21 @@ fn is_empty_json(value: &Value, field: &str) -> bool {
 /// 500 otherwise.
 fn start_error(err: &RuntimeError) -> ApiError {
     match err {
-        RuntimeError::Capacity(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("failed to start sandbox: {err}"))
-            .with_error_code("sandbox_capacity_unavailable"),
-        RuntimeError::TemplateUnavailable { .. } => {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("failed to start sandbox: {err}"))
-                .with_error_code("sandbox_create_refused")
-        }
-        RuntimeError::NotFound(_) | RuntimeError::Failed(_) => {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("failed to start sandbox: {err}"))
-                .with_error_code("sandbox_create_failed")
-        }
+        RuntimeError::Capacity(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("failed to start sandbox: {err}"),
+        )
+        .with_error_code("sandbox_capacity_unavailable"),
+        RuntimeError::TemplateUnavailable { .. } => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("failed to start sandbox: {err}"),
+        )
+        .with_error_code("sandbox_create_refused"),
+        RuntimeError::NotFound(_) | RuntimeError::Failed(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("failed to start sandbox: {err}"),
+        )
+        .with_error_code("sandbox_create_failed"),
     }
 }
 

@@ -79,16 +79,24 @@ impl RecordingRuntime {
 #[async_trait]
 impl SandboxRuntime for RecordingRuntime {
     async fn start(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError> {
-        self.calls.lock().unwrap().push(RuntimeCall::Start(spec.clone()));
+        self.calls
+            .lock()
+            .unwrap()
+            .push(RuntimeCall::Start(spec.clone()));
         if let Some(message) = self.fail_starts_with.lock().unwrap().clone() {
             return Err(RuntimeError::Failed(message));
         }
         self.running.lock().unwrap().insert(spec.sandbox_id);
-        Ok(StartedSandbox { envd_version: hearth_types::ENVD_VERSION.to_owned() })
+        Ok(StartedSandbox {
+            envd_version: hearth_types::ENVD_VERSION.to_owned(),
+        })
     }
 
     async fn stop(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {
-        self.calls.lock().unwrap().push(RuntimeCall::Stop(sandbox_id.clone()));
+        self.calls
+            .lock()
+            .unwrap()
+            .push(RuntimeCall::Stop(sandbox_id.clone()));
         if self.running.lock().unwrap().remove(sandbox_id) {
             Ok(())
         } else {

@@ -79,7 +79,9 @@ pub(crate) fn env_vars(value: Option<Value>) -> Result<BTreeMap<String, String>,
 
 fn is_env_var_name(name: &str) -> bool {
     let mut bytes = name.bytes();
-    bytes.next().is_some_and(|first| first.is_ascii_alphabetic() || first == b'_')
+    bytes
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
@@ -144,7 +146,9 @@ fn percent_decode(text: &str) -> Result<String, ApiError> {
         .decode_utf8()
         .map(|decoded| decoded.into_owned())
         .map_err(|_| {
-            ApiError::bad_request(format!("invalid metadata filter: {text:?} is not UTF-8 once decoded"))
+            ApiError::bad_request(format!(
+                "invalid metadata filter: {text:?} is not UTF-8 once decoded"
+            ))
         })
 }
 

@@ -12,7 +12,9 @@ use hearth_types::SandboxId;
 use serde_json::{json, Value};
 
 fn time(value: &Value) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(value.as_str().expect("a time string")).unwrap().with_timezone(&Utc)
+    DateTime::parse_from_rfc3339(value.as_str().expect("a time string"))
+        .unwrap()
+        .with_timezone(&Utc)
 }
 
 fn lifetime_secs(detail: &Value) -> i64 {
@@ -38,13 +40,18 @@ async fn create_v2_returns_sdk_fields() {
     assert_eq!(body["envdVersion"], hearth_types::ENVD_VERSION);
     assert!(body["trafficAccessToken"].is_null());
     assert!(body["domain"].is_null());
-    let token = body["envdAccessToken"].as_str().expect("v2 always issues a token");
+    let token = body["envdAccessToken"]
+        .as_str()
+        .expect("v2 always issues a token");
     assert_eq!(token.len(), 64);
 
     let started = h.runtime.started();
     assert_eq!(started.len(), 1);
     let spec = &started[0];
-    assert_eq!(spec.sandbox_id.as_str(), body["sandboxID"].as_str().unwrap());
+    assert_eq!(
+        spec.sandbox_id.as_str(),
+        body["sandboxID"].as_str().unwrap()
+    );
     assert_eq!(spec.template_id.as_str(), BASE_TEMPLATE_ID);
     assert_eq!(spec.vcpus, 2);
     assert_eq!(spec.memory_mib, 512);
@@ -56,23 +63,49 @@ async fn create_v2_returns_sdk_fields() {
 #[tokio::test]
 async fn create_v1_defaults() {
     let h = harness().await;
-    let reply = h.call(Method::POST, "/sandboxes", Some(json!({"templateID": BASE_TEMPLATE_ID}))).await;
+    let reply = h
+        .call(
+            Method::POST,
+            "/sandboxes",
+            Some(json!({"templateID": BASE_TEMPLATE_ID})),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
-    assert!(reply.body.get("envdAccessToken").is_none(), "no token without secure: {}", reply.text);
-    assert!(reply.body.get("alias").is_none(), "created by ID, so no alias: {}", reply.text);
+    assert!(
+        reply.body.get("envdAccessToken").is_none(),
+        "no token without secure: {}",
+        reply.text
+    );
+    assert!(
+        reply.body.get("alias").is_none(),
+        "created by ID, so no alias: {}",
+        reply.text
+    );
 
     let id = reply.body["sandboxID"].as_str().unwrap();
     let detail = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     assert_eq!(lifetime_secs(&detail.body), 15);
 
-    let secure = h.call(Method::POST, "/sandboxes", Some(json!({"templateID": "base", "secure": true}))).await;
-    assert!(secure.body["envdAccessToken"].is_string(), "{}", secure.text);
+    let secure = h
+        .call(
+            Method::POST,
+            "/sandboxes",
+            Some(json!({"templateID": "base", "secure": true})),
+        )
+        .await;
+    assert!(
+        secure.body["envdAccessToken"].is_string(),
+        "{}",
+        secure.text
+    );
 }
 
 #[tokio::test]
 async fn create_passes_internet_access_to_runtime() {
     let h = harness().await;
-    let id = h.create(json!({"templateID": "base", "allow_internet_access": false})).await;
+    let id = h
+        .create(json!({"templateID": "base", "allow_internet_access": false}))
+        .await;
     assert!(!h.runtime.started()[0].allow_internet_access);
 
     let detail = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
@@ -82,7 +115,9 @@ async fn create_passes_internet_access_to_runtime() {
 #[tokio::test]
 async fn get_returns_detail() {
     let h = harness().await;
-    let id = h.create(json!({"templateID": "base", "timeout": 120, "metadata": {"k": "v"}})).await;
+    let id = h
+        .create(json!({"templateID": "base", "timeout": 120, "metadata": {"k": "v"}}))
+        .await;
 
     let reply = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
@@ -94,7 +129,10 @@ async fn get_returns_detail() {
     assert_eq!(body["memoryMB"], 512);
     assert_eq!(body["diskSizeMB"], 2048);
     assert_eq!(body["metadata"], json!({"k": "v"}));
-    assert_eq!(body["lifecycle"], json!({"autoResume": false, "onTimeout": "kill"}));
+    assert_eq!(
+        body["lifecycle"],
+        json!({"autoResume": false, "onTimeout": "kill"})
+    );
     assert!(body["allowInternetAccess"].is_null());
     assert_eq!(lifetime_secs(body), 120);
 }
@@ -104,7 +142,10 @@ async fn get_unknown_sandbox_is_404() {
     let h = harness().await;
     let reply = h.call(Method::GET, "/sandboxes/doesnotexist", None).await;
     assert_error(&reply, StatusCode::NOT_FOUND);
-    assert!(reply.body["message"].as_str().unwrap().contains("doesnotexist"));
+    assert!(reply.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("doesnotexist"));
 
     let invalid = h.call(Method::GET, "/sandboxes/Not..Valid", None).await;
     assert_error(&invalid, StatusCode::NOT_FOUND);
@@ -113,8 +154,12 @@ async fn get_unknown_sandbox_is_404() {
 #[tokio::test]
 async fn list_v1_filters_by_metadata() {
     let h = harness().await;
-    let ann = h.create(json!({"templateID": "base", "metadata": {"user name": "a&b=c", "team": "x"}})).await;
-    let _bob = h.create(json!({"templateID": "base", "metadata": {"user name": "bob"}})).await;
+    let ann = h
+        .create(json!({"templateID": "base", "metadata": {"user name": "a&b=c", "team": "x"}}))
+        .await;
+    let _bob = h
+        .create(json!({"templateID": "base", "metadata": {"user name": "bob"}}))
+        .await;
 
     let all = h.call(Method::GET, "/sandboxes", None).await;
     assert_eq!(all.status, StatusCode::OK, "{}", all.text);
@@ -136,35 +181,62 @@ async fn list_v2_filters_by_state() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
 
-    let running = h.call(Method::GET, "/v2/sandboxes?state=running", None).await;
-    assert_eq!(running.body.as_array().unwrap().len(), 1, "{}", running.text);
+    let running = h
+        .call(Method::GET, "/v2/sandboxes?state=running", None)
+        .await;
+    assert_eq!(
+        running.body.as_array().unwrap().len(),
+        1,
+        "{}",
+        running.text
+    );
     assert_eq!(running.body[0]["sandboxID"], id.as_str());
 
-    let paused = h.call(Method::GET, "/v2/sandboxes?state=paused", None).await;
+    let paused = h
+        .call(Method::GET, "/v2/sandboxes?state=paused", None)
+        .await;
     assert_eq!(paused.status, StatusCode::OK);
     assert_eq!(paused.body, json!([]));
 
-    let both = h.call(Method::GET, "/v2/sandboxes?state=running%2Cpaused", None).await;
+    let both = h
+        .call(Method::GET, "/v2/sandboxes?state=running%2Cpaused", None)
+        .await;
     assert_eq!(both.body.as_array().unwrap().len(), 1);
 
-    let bad = h.call(Method::GET, "/v2/sandboxes?state=sleeping", None).await;
+    let bad = h
+        .call(Method::GET, "/v2/sandboxes?state=sleeping", None)
+        .await;
     assert_error(&bad, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
 async fn list_v2_filters_by_template_and_metadata() {
     let h = harness().await;
-    let id = h.create(json!({"templateID": "base", "metadata": {"env": "prod"}})).await;
-    h.create(json!({"templateID": "base", "metadata": {"env": "dev"}})).await;
+    let id = h
+        .create(json!({"templateID": "base", "metadata": {"env": "prod"}}))
+        .await;
+    h.create(json!({"templateID": "base", "metadata": {"env": "dev"}}))
+        .await;
 
-    let by_meta = h.call(Method::GET, "/v2/sandboxes?metadata=env%3Dprod", None).await;
-    assert_eq!(by_meta.body.as_array().unwrap().len(), 1, "{}", by_meta.text);
+    let by_meta = h
+        .call(Method::GET, "/v2/sandboxes?metadata=env%3Dprod", None)
+        .await;
+    assert_eq!(
+        by_meta.body.as_array().unwrap().len(),
+        1,
+        "{}",
+        by_meta.text
+    );
     assert_eq!(by_meta.body[0]["sandboxID"], id.as_str());
 
-    let by_alias = h.call(Method::GET, "/v2/sandboxes?template=base", None).await;
+    let by_alias = h
+        .call(Method::GET, "/v2/sandboxes?template=base", None)
+        .await;
     assert_eq!(by_alias.body.as_array().unwrap().len(), 2);
 
-    let by_unknown = h.call(Method::GET, "/v2/sandboxes?template=nosuch", None).await;
+    let by_unknown = h
+        .call(Method::GET, "/v2/sandboxes?template=nosuch", None)
+        .await;
     assert_eq!(by_unknown.body, json!([]));
 }
 
@@ -185,9 +257,18 @@ async fn list_v2_paginates_without_overlap() {
         pages += 1;
         let items = reply.body.as_array().unwrap();
         assert!(items.len() <= 2);
-        seen.extend(items.iter().map(|item| item["sandboxID"].as_str().unwrap().to_owned()));
+        seen.extend(
+            items
+                .iter()
+                .map(|item| item["sandboxID"].as_str().unwrap().to_owned()),
+        );
         match reply.headers.get("x-next-token") {
-            Some(token) => uri = format!("/v2/sandboxes?limit=2&nextToken={}", token.to_str().unwrap()),
+            Some(token) => {
+                uri = format!(
+                    "/v2/sandboxes?limit=2&nextToken={}",
+                    token.to_str().unwrap()
+                )
+            }
             None => break,
         }
         assert!(pages < 10, "pagination does not end");
@@ -237,7 +318,9 @@ async fn kill_stops_and_hides_sandbox() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
 
-    let reply = h.call(Method::DELETE, &format!("/sandboxes/{id}"), None).await;
+    let reply = h
+        .call(Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text);
     assert_eq!(h.runtime.stopped(), vec![SandboxId::parse(&id).unwrap()]);
 
@@ -246,7 +329,9 @@ async fn kill_stops_and_hides_sandbox() {
     let list = h.call(Method::GET, "/v2/sandboxes", None).await;
     assert_eq!(list.body, json!([]));
 
-    let again = h.call(Method::DELETE, &format!("/sandboxes/{id}"), None).await;
+    let again = h
+        .call(Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await;
     assert_error(&again, StatusCode::NOT_FOUND);
 }
 
@@ -254,13 +339,18 @@ async fn kill_stops_and_hides_sandbox() {
 async fn reaper_kills_expired_sandbox() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base", "timeout": 1})).await;
-    let keep = h.create(json!({"templateID": "base", "timeout": 600})).await;
+    let keep = h
+        .create(json!({"templateID": "base", "timeout": 600}))
+        .await;
     let reaper = h.control_plane.spawn_reaper();
 
     let sandbox_id = SandboxId::parse(&id).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while h.runtime.is_running(&sandbox_id) {
-        assert!(tokio::time::Instant::now() < deadline, "reaper did not stop the sandbox within 10 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reaper did not stop the sandbox within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -268,27 +358,45 @@ async fn reaper_kills_expired_sandbox() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let get = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     assert_error(&get, StatusCode::NOT_FOUND);
-    let kept = h.call(Method::GET, &format!("/sandboxes/{keep}"), None).await;
+    let kept = h
+        .call(Method::GET, &format!("/sandboxes/{keep}"), None)
+        .await;
     assert_eq!(kept.status, StatusCode::OK);
     assert!(h.runtime.is_running(&SandboxId::parse(&keep).unwrap()));
 
     h.control_plane.shutdown().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), reaper).await.expect("reaper stops on shutdown").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), reaper)
+        .await
+        .expect("reaper stops on shutdown")
+        .unwrap();
 }
 
 #[tokio::test]
 async fn set_timeout_moves_end_time() {
     let h = harness().await;
-    let id = h.create(json!({"templateID": "base", "timeout": 600})).await;
+    let id = h
+        .create(json!({"templateID": "base", "timeout": 600}))
+        .await;
 
-    let shorter = h.call(Method::POST, &format!("/sandboxes/{id}/timeout"), Some(json!({"timeout": 30}))).await;
+    let shorter = h
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/timeout"),
+            Some(json!({"timeout": 30})),
+        )
+        .await;
     assert_eq!(shorter.status, StatusCode::NO_CONTENT, "{}", shorter.text);
     let detail = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     let remaining = (time(&detail.body["endAt"]) - Utc::now()).num_seconds();
     assert!((28..=30).contains(&remaining), "remaining {remaining}");
 
     // A timeout that has already passed lets the reaper kill it on its next pass.
-    h.call(Method::POST, &format!("/sandboxes/{id}/timeout"), Some(json!({"timeout": 1}))).await;
+    h.call(
+        Method::POST,
+        &format!("/sandboxes/{id}/timeout"),
+        Some(json!({"timeout": 1})),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(h.control_plane.reap_expired().await.unwrap(), 1);
     assert!(!h.runtime.is_running(&SandboxId::parse(&id).unwrap()));
@@ -300,12 +408,24 @@ async fn set_timeout_rejects_bad_values() {
     let id = h.create(json!({"templateID": "base"})).await;
     let uri = format!("/sandboxes/{id}/timeout");
 
-    for body in [json!({"timeout": 0}), json!({"timeout": -1}), json!({"timeout": 3601}), json!({"timeout": "10"}), json!({})] {
+    for body in [
+        json!({"timeout": 0}),
+        json!({"timeout": -1}),
+        json!({"timeout": 3601}),
+        json!({"timeout": "10"}),
+        json!({}),
+    ] {
         let reply = h.call(Method::POST, &uri, Some(body.clone())).await;
         assert_error(&reply, StatusCode::BAD_REQUEST);
     }
 
-    let unknown = h.call(Method::POST, "/sandboxes/nosuch/timeout", Some(json!({"timeout": 10}))).await;
+    let unknown = h
+        .call(
+            Method::POST,
+            "/sandboxes/nosuch/timeout",
+            Some(json!({"timeout": 10})),
+        )
+        .await;
     assert_error(&unknown, StatusCode::NOT_FOUND);
 }
 
@@ -315,7 +435,9 @@ async fn refresh_extends_but_never_shortens() {
     let id = h.create(json!({"templateID": "base", "timeout": 5})).await;
     let uri = format!("/sandboxes/{id}/refreshes");
 
-    let extended = h.call(Method::POST, &uri, Some(json!({"duration": 60}))).await;
+    let extended = h
+        .call(Method::POST, &uri, Some(json!({"duration": 60})))
+        .await;
     assert_eq!(extended.status, StatusCode::NO_CONTENT, "{}", extended.text);
     let detail = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     let end_after_extend = time(&detail.body["endAt"]);
@@ -327,30 +449,65 @@ async fn refresh_extends_but_never_shortens() {
     let detail = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     assert_eq!(time(&detail.body["endAt"]), end_after_extend);
 
-    let bad = h.call(Method::POST, &uri, Some(json!({"duration": 0}))).await;
+    let bad = h
+        .call(Method::POST, &uri, Some(json!({"duration": 0})))
+        .await;
     assert_error(&bad, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
 async fn connect_returns_sandbox_and_extends() {
     let h = harness().await;
-    let create = h.call(Method::POST, "/v2/sandboxes", Some(json!({"templateID": "base", "timeout": 10}))).await;
+    let create = h
+        .call(
+            Method::POST,
+            "/v2/sandboxes",
+            Some(json!({"templateID": "base", "timeout": 10})),
+        )
+        .await;
     let id = create.body["sandboxID"].as_str().unwrap().to_owned();
 
-    let reply = h.call(Method::POST, &format!("/v2/sandboxes/{id}/connect"), Some(json!({"timeout": 300}))).await;
+    let reply = h
+        .call(
+            Method::POST,
+            &format!("/v2/sandboxes/{id}/connect"),
+            Some(json!({"timeout": 300})),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(reply.body["sandboxID"], id.as_str());
     assert_eq!(reply.body["envdVersion"], hearth_types::ENVD_VERSION);
-    assert_eq!(reply.body["envdAccessToken"], create.body["envdAccessToken"]);
+    assert_eq!(
+        reply.body["envdAccessToken"],
+        create.body["envdAccessToken"]
+    );
     let detail = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     assert!((time(&detail.body["endAt"]) - Utc::now()).num_seconds() >= 298);
 
-    let v1 = h.call(Method::POST, &format!("/sandboxes/{id}/connect"), Some(json!({"timeout": 20}))).await;
+    let v1 = h
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/connect"),
+            Some(json!({"timeout": 20})),
+        )
+        .await;
     assert_eq!(v1.status, StatusCode::OK, "{}", v1.text);
-    let v1_missing = h.call(Method::POST, &format!("/sandboxes/{id}/connect"), Some(json!({}))).await;
+    let v1_missing = h
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/connect"),
+            Some(json!({})),
+        )
+        .await;
     assert_error(&v1_missing, StatusCode::BAD_REQUEST);
 
-    let unknown = h.call(Method::POST, "/v2/sandboxes/nosuch/connect", Some(json!({}))).await;
+    let unknown = h
+        .call(
+            Method::POST,
+            "/v2/sandboxes/nosuch/connect",
+            Some(json!({})),
+        )
+        .await;
     assert_error(&unknown, StatusCode::NOT_FOUND);
 }
 
@@ -360,11 +517,15 @@ async fn auth_rejects_missing_and_unknown_keys() {
     let missing = h.call_raw(Method::GET, "/sandboxes", None, None).await;
     assert_error(&missing, StatusCode::UNAUTHORIZED);
 
-    let malformed = h.call_raw(Method::GET, "/sandboxes", Some("not-a-key"), None).await;
+    let malformed = h
+        .call_raw(Method::GET, "/sandboxes", Some("not-a-key"), None)
+        .await;
     assert_error(&malformed, StatusCode::UNAUTHORIZED);
 
     let unknown_key = "e2b_ffffffffffffffffffffffffffffffffffffffff";
-    let unknown = h.call_raw(Method::GET, "/sandboxes", Some(unknown_key), None).await;
+    let unknown = h
+        .call_raw(Method::GET, "/sandboxes", Some(unknown_key), None)
+        .await;
     assert_error(&unknown, StatusCode::UNAUTHORIZED);
 
     let unknown_route = h.call_raw(Method::GET, "/nowhere", None, None).await;
@@ -375,7 +536,9 @@ async fn auth_rejects_missing_and_unknown_keys() {
 async fn auth_accepts_stored_key() {
     let h = harness().await;
     let created = h.control_plane.store().create_api_key("ci").await.unwrap();
-    let reply = h.call_raw(Method::GET, "/sandboxes", Some(&created.key), None).await;
+    let reply = h
+        .call_raw(Method::GET, "/sandboxes", Some(&created.key), None)
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
 
     let keys = h.control_plane.store().list_api_keys().await.unwrap();
@@ -383,19 +546,32 @@ async fn auth_accepts_stored_key() {
     assert!(keys[0].last_used_at.is_some());
     assert!(created.key.starts_with(&keys[0].key_prefix));
 
-    assert!(h.control_plane.store().delete_api_key(&created.key_id).await.unwrap());
-    let revoked = h.call_raw(Method::GET, "/sandboxes", Some(&created.key), None).await;
+    assert!(h
+        .control_plane
+        .store()
+        .delete_api_key(&created.key_id)
+        .await
+        .unwrap());
+    let revoked = h
+        .call_raw(Method::GET, "/sandboxes", Some(&created.key), None)
+        .await;
     assert_error(&revoked, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
 async fn create_api_key_helper_writes_usable_key() {
     let data_dir = tempfile::tempdir().unwrap();
-    let created = hearth_control_plane::create_api_key(data_dir.path(), "cli").await.unwrap();
-    assert!(hearth_control_plane::auth::is_valid_api_key_format(&created.key));
+    let created = hearth_control_plane::create_api_key(data_dir.path(), "cli")
+        .await
+        .unwrap();
+    assert!(hearth_control_plane::auth::is_valid_api_key_format(
+        &created.key
+    ));
 
     let h = harness_in(data_dir, RecordingRuntime::new()).await;
-    let reply = h.call_raw(Method::GET, "/sandboxes", Some(&created.key), None).await;
+    let reply = h
+        .call_raw(Method::GET, "/sandboxes", Some(&created.key), None)
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
 }
 
@@ -404,8 +580,12 @@ async fn build_rejects_malformed_configured_key() {
     let data_dir = tempfile::tempdir().unwrap();
     let mut config = common::config(data_dir.path());
     config.api_keys_from_env = vec!["secret".to_owned()];
-    let result = hearth_control_plane::build(config, std::sync::Arc::new(RecordingRuntime::new())).await;
-    assert!(matches!(result, Err(hearth_control_plane::BuildError::InvalidApiKey { index: 0 })));
+    let result =
+        hearth_control_plane::build(config, std::sync::Arc::new(RecordingRuntime::new())).await;
+    assert!(matches!(
+        result,
+        Err(hearth_control_plane::BuildError::InvalidApiKey { index: 0 })
+    ));
 }
 
 #[tokio::test]
@@ -427,8 +607,15 @@ async fn create_rejects_bad_input() {
         json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": true}}),
     ];
     for body in cases {
-        let reply = h.call(Method::POST, "/v2/sandboxes", Some(body.clone())).await;
-        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}: {}", reply.text);
+        let reply = h
+            .call(Method::POST, "/v2/sandboxes", Some(body.clone()))
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.text
+        );
         assert_error(&reply, StatusCode::BAD_REQUEST);
     }
     assert!(h.runtime.started().is_empty());
@@ -449,30 +636,73 @@ async fn create_accepts_sdk_defaults() {
 #[tokio::test]
 async fn malformed_json_is_400_json() {
     let h = harness().await;
-    let reply = h.call_raw(Method::POST, "/v2/sandboxes", Some(API_KEY), Some("{not json".to_owned())).await;
+    let reply = h
+        .call_raw(
+            Method::POST,
+            "/v2/sandboxes",
+            Some(API_KEY),
+            Some("{not json".to_owned()),
+        )
+        .await;
     assert_error(&reply, StatusCode::BAD_REQUEST);
-    assert!(reply.body["message"].as_str().unwrap().contains("malformed JSON"), "{}", reply.text);
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON"),
+        "{}",
+        reply.text
+    );
 
-    let timeout = h.call_raw(Method::POST, "/sandboxes/x/timeout", Some(API_KEY), Some("[".to_owned())).await;
+    let timeout = h
+        .call_raw(
+            Method::POST,
+            "/sandboxes/x/timeout",
+            Some(API_KEY),
+            Some("[".to_owned()),
+        )
+        .await;
     assert_error(&timeout, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
 async fn unknown_template_is_404_naming_it() {
     let h = harness().await;
-    let reply = h.call(Method::POST, "/v2/sandboxes", Some(json!({"templateID": "nosuch-template"}))).await;
+    let reply = h
+        .call(
+            Method::POST,
+            "/v2/sandboxes",
+            Some(json!({"templateID": "nosuch-template"})),
+        )
+        .await;
     assert_error(&reply, StatusCode::NOT_FOUND);
-    assert!(reply.body["message"].as_str().unwrap().contains("nosuch-template"), "{}", reply.text);
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("nosuch-template"),
+        "{}",
+        reply.text
+    );
 }
 
 #[tokio::test]
 async fn runtime_failure_is_500_and_records_nothing() {
     let h = harness().await;
     h.runtime.fail_starts(Some("VMM exited during restore"));
-    let reply = h.call(Method::POST, "/v2/sandboxes", Some(json!({"templateID": "base"}))).await;
+    let reply = h
+        .call(
+            Method::POST,
+            "/v2/sandboxes",
+            Some(json!({"templateID": "base"})),
+        )
+        .await;
     assert_error(&reply, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(reply.body["error_code"], "sandbox_create_failed");
-    assert!(reply.body["message"].as_str().unwrap().contains("VMM exited during restore"));
+    assert!(reply.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("VMM exited during restore"));
 
     let list = h.call(Method::GET, "/v2/sandboxes", None).await;
     assert_eq!(list.body, json!([]));
@@ -494,7 +724,12 @@ async fn unimplemented_routes_are_501_json() {
         (Method::GET, "/templates/base/tags".to_owned()),
     ] {
         let reply = h.call(method.clone(), &uri, Some(json!({}))).await;
-        assert_eq!(reply.status, StatusCode::NOT_IMPLEMENTED, "{method} {uri}: {}", reply.text);
+        assert_eq!(
+            reply.status,
+            StatusCode::NOT_IMPLEMENTED,
+            "{method} {uri}: {}",
+            reply.text
+        );
         assert_error(&reply, StatusCode::NOT_IMPLEMENTED);
     }
 
@@ -524,10 +759,16 @@ async fn templates_list_get_and_alias() {
     assert_eq!(by_alias.status, StatusCode::OK, "{}", by_alias.text);
     assert_eq!(by_alias.body["builds"].as_array().unwrap().len(), 1);
     let build_id = by_alias.body["builds"][0]["buildID"].as_str().unwrap();
-    assert!(uuid_like(build_id), "SDK parses buildID as a UUID: {build_id}");
+    assert!(
+        uuid_like(build_id),
+        "SDK parses buildID as a UUID: {build_id}"
+    );
 
     let alias = h.call(Method::GET, "/templates/aliases/base", None).await;
-    assert_eq!(alias.body, json!({"templateID": BASE_TEMPLATE_ID, "public": false}));
+    assert_eq!(
+        alias.body,
+        json!({"templateID": BASE_TEMPLATE_ID, "public": false})
+    );
 
     let missing = h.call(Method::GET, "/templates/aliases/nosuch", None).await;
     assert_error(&missing, StatusCode::NOT_FOUND);
@@ -550,12 +791,20 @@ async fn reconcile_on_start_marks_and_stops() {
     // sandbox the database never recorded.
     let survivor_id = SandboxId::parse(&survivor).unwrap();
     let orphan_id = SandboxId::parse("orphan").unwrap();
-    let h = harness_in(data_dir, RecordingRuntime::with_running([survivor_id.clone(), orphan_id.clone()])).await;
+    let h = harness_in(
+        data_dir,
+        RecordingRuntime::with_running([survivor_id.clone(), orphan_id.clone()]),
+    )
+    .await;
     assert_eq!(h.data_dir.path(), path);
 
-    let lost_reply = h.call(Method::GET, &format!("/sandboxes/{lost}"), None).await;
+    let lost_reply = h
+        .call(Method::GET, &format!("/sandboxes/{lost}"), None)
+        .await;
     assert_error(&lost_reply, StatusCode::NOT_FOUND);
-    let survivor_reply = h.call(Method::GET, &format!("/sandboxes/{survivor}"), None).await;
+    let survivor_reply = h
+        .call(Method::GET, &format!("/sandboxes/{survivor}"), None)
+        .await;
     assert_eq!(survivor_reply.status, StatusCode::OK);
     assert_eq!(h.runtime.stopped(), vec![orphan_id]);
     assert!(h.runtime.is_running(&survivor_id));
@@ -574,7 +823,13 @@ async fn shutdown_kills_running_sandboxes() {
         assert_error(&reply, StatusCode::NOT_FOUND);
     }
 
-    let create = h.call(Method::POST, "/v2/sandboxes", Some(json!({"templateID": "base"}))).await;
+    let create = h
+        .call(
+            Method::POST,
+            "/v2/sandboxes",
+            Some(json!({"templateID": "base"})),
+        )
+        .await;
     assert_error(&create, StatusCode::SERVICE_UNAVAILABLE);
 }
 
@@ -585,7 +840,13 @@ async fn openapi_is_public_and_lists_routes() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert!(reply.body["openapi"].as_str().unwrap().starts_with("3."));
     let paths = reply.body["paths"].as_object().unwrap();
-    for path in ["/sandboxes", "/v2/sandboxes", "/sandboxes/{sandboxID}", "/sandboxes/{sandboxID}/timeout", "/templates/aliases/{alias}"] {
+    for path in [
+        "/sandboxes",
+        "/v2/sandboxes",
+        "/sandboxes/{sandboxID}",
+        "/sandboxes/{sandboxID}/timeout",
+        "/templates/aliases/{alias}",
+    ] {
         assert!(paths.contains_key(path), "missing {path}");
     }
     assert!(reply.body["components"]["schemas"]["NewSandbox"].is_object());

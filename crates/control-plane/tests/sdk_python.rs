@@ -22,7 +22,10 @@ async fn python_sdk_parses_rest_responses() {
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
 
     let python = std::env::var("HEARTH_SDK_PYTHON").unwrap_or_else(|_| DEFAULT_PYTHON.to_owned());
-    assert!(Path::new(&python).exists(), "Python with the e2b SDK not found at {python}; set HEARTH_SDK_PYTHON");
+    assert!(
+        Path::new(&python).exists(),
+        "Python with the e2b SDK not found at {python}; set HEARTH_SDK_PYTHON"
+    );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/rest_check.py");
 
     let mut command = tokio::process::Command::new(&python);
@@ -44,6 +47,13 @@ async fn python_sdk_parses_rest_responses() {
     server.abort();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "SDK check failed ({}):\n{stdout}\n{stderr}", output.status);
-    assert!(stdout.contains("sdk rest check passed"), "{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "SDK check failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(
+        stdout.contains("sdk rest check passed"),
+        "{stdout}\n{stderr}"
+    );
 }

@@ -289,13 +289,45 @@ fn stream_codec(headers: &HeaderMap) -> Result<Codec, Response> {
         })
 }
 
-fn reject_compression(headers: &HeaderMap, name: &str) -> Result<(), RpcError> {
-    match headers.get(name).and_then(|value| value.to_str().ok()) {
-        None | Some("identity") | Some("") => Ok(()),
-        Some(other) => Err(RpcError::new(
-            Code::Unimplemented,
-            format!("unsupported compression {other:?}; only identity is supported"),
-        )),
+/// Compression of request messages. Responses are always sent uncompressed, which the
+/// protocol allows whatever the client accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compression {
+    Identity,
+    Gzip,
+}
+
+impl Compression {
+    fn from_header(headers: &HeaderMap, name: &str) -> Result<Self, RpcError> {
+        match headers.get(name).and_then(|value| value.to_str().ok()) {
+            None | Some("identity") | Some("") => Ok(Compression::Identity),
+            Some("gzip") => Ok(Compression::Gzip),
+            Some(other) => Err(RpcError::new(
+                Code::Unimplemented,
+                format!("unsupported compression {other:?}; supported are identity and gzip"),
+            )),
+        }
+    }
+
+    fn decompress(self, data: Bytes) -> Result<Bytes, RpcError> {
+        match self {
+            Compression::Identity => Ok(data),
+            Compression::Gzip => {
+                use std::io::Read;
+                let mut output = Vec::new();
+                flate2::read::GzDecoder::new(&data[..])
+                    .take(MAX_MESSAGE_BYTES as u64 + 1)
+                    .read_to_end(&mut output)
+                    .map_err(|err| RpcError::invalid_argument(format!("invalid gzip message: {err}")))?;
+                if output.len() > MAX_MESSAGE_BYTES {
+                    return Err(RpcError::new(
+                        Code::ResourceExhausted,
+                        format!("decompressed message exceeds the limit of {MAX_MESSAGE_BYTES} bytes"),
+                    ));
+                }
+                Ok(Bytes::from(output))
+            }
+        }
     }
 }
 
@@ -312,9 +344,10 @@ where
         Ok(codec) => codec,
         Err(response) => return response,
     };
-    if let Err(err) = reject_compression(&parts.headers, "content-encoding") {
-        return err.into_response();
-    }
+    let compression = match Compression::from_header(&parts.headers, "content-encoding") {
+        Ok(compression) => compression,
+        Err(err) => return err.into_response(),
+    };
     let context = match RpcContext::from_headers(parts.headers) {
         Ok(context) => context,
         Err(err) => return err.into_response(),
@@ -329,6 +362,10 @@ where
             )
             .into_response()
         }
+    };
+    let data = match compression.decompress(data) {
+        Ok(data) => data,
+        Err(err) => return err.into_response(),
     };
     let message = match codec.decode::<Req>(&data) {
         Ok(message) => message,
@@ -423,9 +460,10 @@ fn frame_messages<Res: RpcMessage>(
 /// server-streaming call.
 async fn read_single_envelope<Req: RpcMessage>(
     codec: Codec,
+    compression: Compression,
     body: Body,
 ) -> Result<Req, RpcError> {
-    let mut reader = EnvelopeReader::new(body);
+    let mut reader = EnvelopeReader::new(body, compression);
     match reader.next_message().await? {
         Some(payload) => codec.decode(&payload),
         None => Err(RpcError::invalid_argument("the request stream has no message")),
@@ -446,9 +484,9 @@ where
         Err(response) => return response,
     };
     let started = async {
-        reject_compression(&parts.headers, "connect-content-encoding")?;
+        let compression = Compression::from_header(&parts.headers, "connect-content-encoding")?;
         let context = RpcContext::from_headers(parts.headers.clone())?;
-        let message = read_single_envelope::<Req>(codec, body).await?;
+        let message = read_single_envelope::<Req>(codec, compression, body).await?;
         let deadline = context.deadline;
         Ok::<_, RpcError>((deadline, handler(context, message).await?))
     };
@@ -473,9 +511,9 @@ where
         Err(response) => return response,
     };
     let result = async {
-        reject_compression(&parts.headers, "connect-content-encoding")?;
+        let compression = Compression::from_header(&parts.headers, "connect-content-encoding")?;
         let context = RpcContext::from_headers(parts.headers.clone())?;
-        let reader = EnvelopeReader::new(body);
+        let reader = EnvelopeReader::new(body, compression);
         let requests = futures::stream::unfold(reader, move |mut reader| async move {
             match reader.next_message().await {
                 Ok(Some(payload)) => Some((codec.decode::<Req>(&payload), reader)),
@@ -504,14 +542,16 @@ where
 /// Splits a request body into envelope payloads.
 struct EnvelopeReader {
     body: axum::body::BodyDataStream,
+    compression: Compression,
     buffer: BytesMut,
     finished: bool,
 }
 
 impl EnvelopeReader {
-    fn new(body: Body) -> Self {
+    fn new(body: Body, compression: Compression) -> Self {
         Self {
             body: body.into_data_stream(),
+            compression,
             buffer: BytesMut::new(),
             finished: false,
         }
@@ -528,9 +568,12 @@ impl EnvelopeReader {
                     return Ok(None);
                 }
                 if flags & COMPRESSED_FLAG != 0 {
-                    return Err(RpcError::invalid_argument(
-                        "compressed envelope received but no compression was negotiated",
-                    ));
+                    if self.compression == Compression::Identity {
+                        return Err(RpcError::invalid_argument(
+                            "compressed envelope received but no compression was negotiated",
+                        ));
+                    }
+                    return self.compression.decompress(payload).map(Some);
                 }
                 return Ok(Some(payload));
             }
@@ -603,7 +646,7 @@ mod tests {
         let mut data = Vec::new();
         data.extend_from_slice(&envelope(0, b"ab"));
         data.extend_from_slice(&envelope(0, b"cde"));
-        let mut reader = EnvelopeReader::new(Body::from(data));
+        let mut reader = EnvelopeReader::new(Body::from(data), Compression::Identity);
         assert_eq!(reader.next_message().await.unwrap().unwrap(), Bytes::from_static(b"ab"));
         assert_eq!(reader.next_message().await.unwrap().unwrap(), Bytes::from_static(b"cde"));
         assert!(reader.next_message().await.unwrap().is_none());

@@ -48,7 +48,7 @@ pub(crate) fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> 
     let mut child = command.spawn().map_err(|source| CommandError::Spawn { program, source })?;
 
     if let Some(input) = stdin {
-        // A write error means the child exited early; its status and stderr say why.
+        // A write error means the child exited early; its status and stderr show why.
         if let Some(mut pipe) = child.stdin.take() {
             let _ = pipe.write_all(input.as_bytes());
         }

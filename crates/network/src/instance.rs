@@ -49,12 +49,12 @@ impl InstanceId {
         }
     }
 
-    /// The ID as a string slice.
+    /// Returns the ID as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
-    /// The ID as a number, used to spread instances over the default address range.
+    /// Returns the ID as a number, used to spread instances over the default address range.
     pub(crate) fn as_number(&self) -> u32 {
         u32::from_str_radix(&self.0, 16).unwrap_or(0)
     }

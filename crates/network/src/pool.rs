@@ -124,7 +124,7 @@ struct PoolState {
 
 impl Drop for PoolInner {
     fn drop(&mut self) {
-        // Wakes the background task so it sees that the pool is gone and exits.
+        // Wakes the background task so it notices that the pool is gone and exits.
         self.wake.notify_one();
     }
 }
@@ -244,12 +244,12 @@ impl SlotPool {
         }
     }
 
-    /// The instance this pool belongs to.
+    /// Returns the instance this pool belongs to.
     pub fn instance(&self) -> &InstanceId {
         &self.inner.instance
     }
 
-    /// The subnet the pool's slot addresses come from.
+    /// Returns the subnet the pool's slot addresses come from.
     pub fn subnet(&self) -> Ipv4Subnet {
         self.inner.subnet
     }

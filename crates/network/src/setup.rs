@@ -47,8 +47,8 @@ pub(crate) fn install_host_rules(instance: &InstanceId, subnet: &Ipv4Subnet) -> 
 
     let table = instance.nft_table();
     let veths = format!("{}*", instance.host_veth_prefix());
-    // NOTE: an accept here does not override a drop in another table at the same hook
-    // (for example a FORWARD policy of DROP set by Docker); such hosts need their own rule.
+    // NOTE: an accept here does not override a drop in another table at the same hook,
+    // such as a FORWARD policy of DROP set by Docker. Such hosts need a rule of their own.
     let rules = format!(
         "table ip {table}\n\
          delete table ip {table}\n\

@@ -77,12 +77,12 @@ impl Ipv4Subnet {
         Ok(Self { network, prefix_len })
     }
 
-    /// The network address.
+    /// Returns the network address.
     pub fn network(&self) -> Ipv4Addr {
         self.network
     }
 
-    /// The prefix length.
+    /// Returns the prefix length.
     pub fn prefix_len(&self) -> u8 {
         self.prefix_len
     }
@@ -106,7 +106,7 @@ impl Ipv4Subnet {
         self.slot_base(index).map(|base| Ipv4Addr::from(base + 2))
     }
 
-    /// Whether the two networks share any address.
+    /// Returns whether the two networks share any address.
     pub fn overlaps(&self, other: &Ipv4Subnet) -> bool {
         let shorter = self.prefix_len.min(other.prefix_len);
         u32::from(self.network) & mask(shorter) == u32::from(other.network) & mask(shorter)

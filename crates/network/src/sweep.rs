@@ -6,7 +6,7 @@ use crate::command::CommandError;
 use crate::instance::InstanceId;
 use crate::setup;
 
-/// What a sweep removed.
+/// Counts of the objects a sweep removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
     /// Network namespaces deleted.

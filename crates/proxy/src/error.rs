@@ -1,4 +1,4 @@
-//! Errors the proxy answers itself, as JSON `{"code": <status>, "message": "..."}`.
+//! Errors the proxy responds with itself, as JSON `{"code": <status>, "message": "..."}`.
 //!
 //! The E2B SDK (e2b 2.63.0, `e2b/exceptions.py`) reads a 502 from the proxy in front of
 //! envd by its message: one containing "was not found" becomes `SandboxNotRunningException`

@@ -19,7 +19,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Whether an HTTP/1.1 request asks to switch protocols (for example to WebSocket).
+/// Returns whether an HTTP/1.1 request requests a switch of protocol (for example to WebSocket).
 pub(crate) fn wants_upgrade(version: Version, headers: &HeaderMap) -> bool {
     version == Version::HTTP_11 && headers.contains_key(header::UPGRADE) && connection_has_token(headers, "upgrade")
 }

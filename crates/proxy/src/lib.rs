@@ -4,8 +4,8 @@
 //! A request names its sandbox and port either with the `E2b-Sandbox-Id` and
 //! `E2b-Sandbox-Port` headers, which the E2B SDK sends on every envd call, or with a Host
 //! of the form `<port>-<sandboxID>.<domain>`. The headers win when both are present. The
-//! proxy asks a [`RouteTable`] for the sandbox's address (the `guest_route_ip` of its
-//! network slot) and streams the request and response bodies without buffering them.
+//! proxy looks up the sandbox's address (the `guest_route_ip` of its network slot) in a
+//! [`RouteTable`] and streams the request and response bodies without buffering them.
 
 mod error;
 mod forward;

@@ -1,4 +1,4 @@
-//! Where a sandbox can be reached, as the node agent knows it.
+//! Routes to sandboxes, as the node agent records them.
 
 use std::net::Ipv4Addr;
 

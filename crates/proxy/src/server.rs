@@ -38,7 +38,7 @@ const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Settings of a [`Proxy`].
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    /// Time allowed to open a TCP connection to a sandbox port before answering 502.
+    /// Time allowed to open a TCP connection to a sandbox port before responding with 502.
     pub connect_timeout: Duration,
     /// Idle connections to backends are closed after this long.
     pub pool_idle_timeout: Duration,

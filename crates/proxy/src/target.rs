@@ -1,4 +1,4 @@
-//! Which sandbox and port a request is for.
+//! Parsing of the sandbox and port a request is routed to.
 
 use http::header::HOST;
 use http::request::Parts;

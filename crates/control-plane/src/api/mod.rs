@@ -68,14 +68,38 @@ impl utoipa::Modify for ApiKeySecurity {
 /// Builds the router: `/openapi.json` and `/health` are public, everything else needs a key.
 pub(crate) fn router(control_plane: ControlPlane) -> Router {
     let api = Router::new()
-        .route("/sandboxes", get(sandboxes::list_v1).post(sandboxes::create_v1))
-        .route("/v2/sandboxes", get(sandboxes::list_v2).post(sandboxes::create_v2))
-        .route("/sandboxes/{sandbox_id}", get(sandboxes::get).delete(sandboxes::kill))
-        .route("/sandboxes/{sandbox_id}/timeout", post(sandboxes::set_timeout))
-        .route("/sandboxes/{sandbox_id}/refreshes", post(sandboxes::refresh))
-        .route("/sandboxes/{sandbox_id}/connect", post(sandboxes::connect_v1))
-        .route("/v2/sandboxes/{sandbox_id}/connect", post(sandboxes::connect_v2))
-        .route("/templates", get(templates::list).post(unsupported("building templates with the v1 API")))
+        .route(
+            "/sandboxes",
+            get(sandboxes::list_v1).post(sandboxes::create_v1),
+        )
+        .route(
+            "/v2/sandboxes",
+            get(sandboxes::list_v2).post(sandboxes::create_v2),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}",
+            get(sandboxes::get).delete(sandboxes::kill),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/timeout",
+            post(sandboxes::set_timeout),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/refreshes",
+            post(sandboxes::refresh),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/connect",
+            post(sandboxes::connect_v1),
+        )
+        .route(
+            "/v2/sandboxes/{sandbox_id}/connect",
+            post(sandboxes::connect_v2),
+        )
+        .route(
+            "/templates",
+            get(templates::list).post(unsupported("building templates with the v1 API")),
+        )
         .route(
             "/templates/{template_id}",
             get(templates::get)
@@ -87,54 +111,135 @@ pub(crate) fn router(control_plane: ControlPlane) -> Router {
     let api = add_unsupported_routes(api)
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(from_fn_with_state(control_plane.clone(), auth::require_api_key))
+        .layer(from_fn_with_state(
+            control_plane.clone(),
+            auth::require_api_key,
+        ))
         .with_state(control_plane);
 
     Router::new()
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
-        .route("/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
         .merge(api)
 }
 
-/// Routes the E2B SDK calls that Hearth does not implement yet: each answers 501 with a
+/// Routes the E2B SDK calls that Hearth does not implement yet. Each returns 501 with a
 /// JSON error naming the feature, which the SDK raises as a `SandboxException`.
 fn add_unsupported_routes(router: Router<ControlPlane>) -> Router<ControlPlane> {
     router
         .route("/sandboxes/metrics", get(unsupported("sandbox metrics")))
-        .route("/sandboxes/{sandbox_id}/pause", post(unsupported("pausing sandboxes")))
-        .route("/sandboxes/{sandbox_id}/resume", post(unsupported("resuming sandboxes")))
-        .route("/sandboxes/{sandbox_id}/fork", post(unsupported("forking sandboxes")))
-        .route("/sandboxes/{sandbox_id}/snapshots", post(unsupported("sandbox snapshots")))
-        .route("/sandboxes/{sandbox_id}/network", put(unsupported("changing sandbox network rules")))
-        .route("/sandboxes/{sandbox_id}/logs", get(unsupported("sandbox logs")))
-        .route("/v2/sandboxes/{sandbox_id}/logs", get(unsupported("sandbox logs")))
-        .route("/sandboxes/{sandbox_id}/metrics", get(unsupported("sandbox metrics")))
+        .route(
+            "/sandboxes/{sandbox_id}/pause",
+            post(unsupported("pausing sandboxes")),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/resume",
+            post(unsupported("resuming sandboxes")),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/fork",
+            post(unsupported("forking sandboxes")),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/snapshots",
+            post(unsupported("sandbox snapshots")),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/network",
+            put(unsupported("changing sandbox network rules")),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/logs",
+            get(unsupported("sandbox logs")),
+        )
+        .route(
+            "/v2/sandboxes/{sandbox_id}/logs",
+            get(unsupported("sandbox logs")),
+        )
+        .route(
+            "/sandboxes/{sandbox_id}/metrics",
+            get(unsupported("sandbox metrics")),
+        )
         .route("/snapshots", get(unsupported("listing snapshots")))
-        .route("/v2/templates", get(unsupported("the v2 template list")).post(unsupported("building templates with the v2 API")))
-        .route("/v2/templates/{template_id}", patch(unsupported("updating templates")))
+        .route(
+            "/v2/templates",
+            get(unsupported("the v2 template list"))
+                .post(unsupported("building templates with the v2 API")),
+        )
+        .route(
+            "/v2/templates/{template_id}",
+            patch(unsupported("updating templates")),
+        )
         .route("/v3/templates", post(unsupported("building templates")))
-        .route("/v2/templates/{template_id}/builds/{build_id}", post(unsupported("building templates")))
-        .route("/templates/{template_id}/builds/{build_id}", post(unsupported("building templates")))
-        .route("/templates/{template_id}/builds/{build_id}/status", get(unsupported("template build status")))
-        .route("/templates/{template_id}/builds/{build_id}/logs", get(unsupported("template build logs")))
-        .route("/templates/{template_id}/files/{hash}", get(unsupported("template file uploads")))
-        .route("/templates/tags", post(unsupported("template tags")).delete(unsupported("template tags")))
-        .route("/templates/{template_id}/tags", get(unsupported("template tags")))
-        .route("/templates/{template_id}/tags/count", get(unsupported("template tags")))
-        .route("/templates/{template_id}/tags/exists", get(unsupported("template tags")))
-        .route("/templates/{template_id}/tags/groups", get(unsupported("template tags")))
-        .route("/templates/{template_id}/tags/{tag}/assignments", get(unsupported("template tags")))
+        .route(
+            "/v2/templates/{template_id}/builds/{build_id}",
+            post(unsupported("building templates")),
+        )
+        .route(
+            "/templates/{template_id}/builds/{build_id}",
+            post(unsupported("building templates")),
+        )
+        .route(
+            "/templates/{template_id}/builds/{build_id}/status",
+            get(unsupported("template build status")),
+        )
+        .route(
+            "/templates/{template_id}/builds/{build_id}/logs",
+            get(unsupported("template build logs")),
+        )
+        .route(
+            "/templates/{template_id}/files/{hash}",
+            get(unsupported("template file uploads")),
+        )
+        .route(
+            "/templates/tags",
+            post(unsupported("template tags")).delete(unsupported("template tags")),
+        )
+        .route(
+            "/templates/{template_id}/tags",
+            get(unsupported("template tags")),
+        )
+        .route(
+            "/templates/{template_id}/tags/count",
+            get(unsupported("template tags")),
+        )
+        .route(
+            "/templates/{template_id}/tags/exists",
+            get(unsupported("template tags")),
+        )
+        .route(
+            "/templates/{template_id}/tags/groups",
+            get(unsupported("template tags")),
+        )
+        .route(
+            "/templates/{template_id}/tags/{tag}/assignments",
+            get(unsupported("template tags")),
+        )
         .route("/default-templates", get(unsupported("default templates")))
-        .route("/volumes", get(unsupported("volumes")).post(unsupported("volumes")))
-        .route("/volumes/{volume_id}", get(unsupported("volumes")).delete(unsupported("volumes")))
-        .route("/secrets", get(unsupported("secrets")).post(unsupported("secrets")))
+        .route(
+            "/volumes",
+            get(unsupported("volumes")).post(unsupported("volumes")),
+        )
+        .route(
+            "/volumes/{volume_id}",
+            get(unsupported("volumes")).delete(unsupported("volumes")),
+        )
+        .route(
+            "/secrets",
+            get(unsupported("secrets")).post(unsupported("secrets")),
+        )
         .route(
             "/secrets/{secret_id}",
-            get(unsupported("secrets")).post(unsupported("secrets")).delete(unsupported("secrets")),
+            get(unsupported("secrets"))
+                .post(unsupported("secrets"))
+                .delete(unsupported("secrets")),
         )
 }
 
-/// Returns a handler that answers 501 naming `feature`.
+/// Returns a handler that responds 501 naming `feature`.
 fn unsupported(
     feature: &'static str,
 ) -> impl Fn() -> std::future::Ready<ApiError> + Clone + Send + Sync + 'static {

@@ -14,7 +14,9 @@ use crate::models::{
     ConnectSandbox, CreatedSandbox, ListSandboxesQuery, ListSandboxesV2Query, ListedSandbox,
     NewSandbox, SandboxDetail, SandboxLifecycle, SandboxRefreshRequest, SandboxTimeoutRequest,
 };
-use crate::sandboxes::{sandbox_not_found, CreateApi, CONNECT_DEFAULT_TIMEOUT_SECS, REFRESH_DEFAULT_SECS};
+use crate::sandboxes::{
+    sandbox_not_found, CreateApi, CONNECT_DEFAULT_TIMEOUT_SECS, REFRESH_DEFAULT_SECS,
+};
 use crate::store::{SandboxListFilter, SandboxRecord, SandboxState};
 use crate::{validate, ControlPlane, CLIENT_ID};
 
@@ -74,11 +76,17 @@ pub(crate) async fn list_v2(
         None | Some("desc") => true,
         Some("asc") => false,
         Some(other) => {
-            return Err(ApiError::bad_request(format!("invalid order {other:?}: expected \"asc\" or \"desc\"")))
+            return Err(ApiError::bad_request(format!(
+                "invalid order {other:?}: expected \"asc\" or \"desc\""
+            )))
         }
     };
     let limit = parse_limit(query.limit.as_deref())?;
-    let cursor = query.next_token.as_deref().map(PageCursor::parse).transpose()?;
+    let cursor = query
+        .next_token
+        .as_deref()
+        .map(PageCursor::parse)
+        .transpose()?;
 
     let mut filter = SandboxListFilter {
         states: parse_states(query.state.as_deref())?,
@@ -108,10 +116,16 @@ pub(crate) async fn list_v2(
     if has_more {
         if let Some(last) = sandboxes.last() {
             let token = PageCursor::after(last).to_token();
-            headers.insert(NEXT_TOKEN_HEADER, HeaderValue::from_str(&token).expect("cursor tokens are ASCII"));
+            headers.insert(
+                NEXT_TOKEN_HEADER,
+                HeaderValue::from_str(&token).expect("cursor tokens are ASCII"),
+            );
         }
     }
-    Ok((headers, Json(sandboxes.iter().map(listed_sandbox).collect::<Vec<_>>())))
+    Ok((
+        headers,
+        Json(sandboxes.iter().map(listed_sandbox).collect::<Vec<_>>()),
+    ))
 }
 
 #[utoipa::path(get, path = "/sandboxes/{sandboxID}", tag = "sandboxes",
@@ -123,7 +137,11 @@ pub(crate) async fn get(
     Path(sandbox_id): Path<String>,
 ) -> Result<Json<SandboxDetail>, ApiError> {
     let sandbox_id = parse_sandbox_id(&sandbox_id)?;
-    let record = cp.store().get_live_sandbox(&sandbox_id).await?.ok_or_else(|| sandbox_not_found(&sandbox_id))?;
+    let record = cp
+        .store()
+        .get_live_sandbox(&sandbox_id)
+        .await?
+        .ok_or_else(|| sandbox_not_found(&sandbox_id))?;
     Ok(Json(sandbox_detail(&cp, &record)))
 }
 
@@ -171,7 +189,8 @@ pub(crate) async fn refresh(
     let sandbox_id = parse_sandbox_id(&sandbox_id)?;
     let body: SandboxRefreshRequest = parse_optional_body(&body)?;
     let duration = body.duration.unwrap_or(REFRESH_DEFAULT_SECS);
-    cp.extend_sandbox_timeout(&sandbox_id, "duration", duration).await?;
+    cp.extend_sandbox_timeout(&sandbox_id, "duration", duration)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -187,7 +206,9 @@ pub(crate) async fn connect_v1(
 ) -> Result<Json<CreatedSandbox>, ApiError> {
     let body: ConnectSandbox = parse_optional_body(&body)?;
     if body.timeout.is_none() {
-        return Err(ApiError::bad_request("missing timeout: POST /sandboxes/{sandboxID}/connect requires it"));
+        return Err(ApiError::bad_request(
+            "missing timeout: POST /sandboxes/{sandboxID}/connect requires it",
+        ));
     }
     connect(cp, &sandbox_id, body).await
 }
@@ -207,10 +228,16 @@ pub(crate) async fn connect_v2(
 }
 
 /// Connects to a running sandbox: its timeout becomes at least `timeout` seconds from now.
-async fn connect(cp: ControlPlane, sandbox_id: &str, body: ConnectSandbox) -> Result<Json<CreatedSandbox>, ApiError> {
+async fn connect(
+    cp: ControlPlane,
+    sandbox_id: &str,
+    body: ConnectSandbox,
+) -> Result<Json<CreatedSandbox>, ApiError> {
     let sandbox_id = parse_sandbox_id(sandbox_id)?;
     let timeout = body.timeout.unwrap_or(CONNECT_DEFAULT_TIMEOUT_SECS);
-    let record = cp.extend_sandbox_timeout(&sandbox_id, "timeout", timeout).await?;
+    let record = cp
+        .extend_sandbox_timeout(&sandbox_id, "timeout", timeout)
+        .await?;
     tracing::info!(sandbox_id = %sandbox_id, end_at = %record.end_at, "client connected to sandbox");
     Ok(Json(created_sandbox(&cp, &record)))
 }
@@ -220,12 +247,17 @@ fn parse_optional_body<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T,
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))
+    serde_json::from_slice(body)
+        .map_err(|err| ApiError::bad_request(format!("invalid request body: {err}")))
 }
 
 /// Parses a sandbox ID from a path. A malformed ID cannot name a sandbox, so it is 404.
 fn parse_sandbox_id(value: &str) -> Result<SandboxId, ApiError> {
-    SandboxId::parse(value).map_err(|_| ApiError::not_found(format!("sandbox {value:?} not found: not a valid sandbox ID")))
+    SandboxId::parse(value).map_err(|_| {
+        ApiError::not_found(format!(
+            "sandbox {value:?} not found: not a valid sandbox ID"
+        ))
+    })
 }
 
 fn parse_limit(value: Option<&str>) -> Result<usize, ApiError> {
@@ -234,7 +266,9 @@ fn parse_limit(value: Option<&str>) -> Result<usize, ApiError> {
     };
     match value.parse::<usize>() {
         Ok(limit) if (1..=MAX_PAGE_SIZE).contains(&limit) => Ok(limit),
-        _ => Err(ApiError::bad_request(format!("invalid limit {value:?}: expected 1 to {MAX_PAGE_SIZE}"))),
+        _ => Err(ApiError::bad_request(format!(
+            "invalid limit {value:?}: expected 1 to {MAX_PAGE_SIZE}"
+        ))),
     }
 }
 
@@ -260,7 +294,11 @@ fn parse_started_after(value: Option<&str>) -> Result<Option<DateTime<Utc>>, Api
         .map(|v| {
             DateTime::parse_from_rfc3339(v)
                 .map(|time| time.with_timezone(&Utc))
-                .map_err(|err| ApiError::bad_request(format!("invalid startedAfter {v:?}: expected an RFC 3339 time ({err})")))
+                .map_err(|err| {
+                    ApiError::bad_request(format!(
+                        "invalid startedAfter {v:?}: expected an RFC 3339 time ({err})"
+                    ))
+                })
         })
         .transpose()
 }
@@ -274,15 +312,25 @@ struct PageCursor {
 
 impl PageCursor {
     fn after(sandbox: &SandboxRecord) -> Self {
-        Self { started_at_ms: sandbox.started_at.timestamp_millis(), sandbox_id: sandbox.sandbox_id.to_string() }
+        Self {
+            started_at_ms: sandbox.started_at.timestamp_millis(),
+            sandbox_id: sandbox.sandbox_id.to_string(),
+        }
     }
 
     fn parse(token: &str) -> Result<Self, ApiError> {
-        let invalid = || ApiError::bad_request(format!("invalid nextToken {token:?}: pass the x-next-token header of the previous page"));
+        let invalid = || {
+            ApiError::bad_request(format!(
+                "invalid nextToken {token:?}: pass the x-next-token header of the previous page"
+            ))
+        };
         let (millis, id) = token.split_once('.').ok_or_else(invalid)?;
         let started_at_ms = millis.parse().map_err(|_| invalid())?;
         let sandbox_id = SandboxId::parse(id).map_err(|_| invalid())?;
-        Ok(Self { started_at_ms, sandbox_id: sandbox_id.to_string() })
+        Ok(Self {
+            started_at_ms,
+            sandbox_id: sandbox_id.to_string(),
+        })
     }
 
     fn to_token(&self) -> String {
@@ -291,7 +339,10 @@ impl PageCursor {
 
     /// Whether `sandbox` comes after this cursor in the list's order.
     fn is_before(&self, sandbox: &SandboxRecord, descending: bool) -> bool {
-        let key = (sandbox.started_at.timestamp_millis(), sandbox.sandbox_id.as_str());
+        let key = (
+            sandbox.started_at.timestamp_millis(),
+            sandbox.sandbox_id.as_str(),
+        );
         let cursor = (self.started_at_ms, self.sandbox_id.as_str());
         if descending {
             key < cursor
@@ -331,7 +382,10 @@ fn sandbox_detail(cp: &ControlPlane, record: &SandboxRecord) -> SandboxDetail {
         disk_size_mb: record.disk_mb,
         metadata: record.metadata.clone(),
         state: record.state.as_str().to_owned(),
-        lifecycle: SandboxLifecycle { auto_resume: false, on_timeout: "kill".to_owned() },
+        lifecycle: SandboxLifecycle {
+            auto_resume: false,
+            on_timeout: "kill".to_owned(),
+        },
     }
 }
 

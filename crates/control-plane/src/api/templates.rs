@@ -39,7 +39,10 @@ pub(crate) async fn get(
             envd_version: build.envd_version,
         })
         .collect();
-    Ok(Json(TemplateWithBuilds { template: template(&record), builds }))
+    Ok(Json(TemplateWithBuilds {
+        template: template(&record),
+        builds,
+    }))
 }
 
 #[utoipa::path(get, path = "/templates/aliases/{alias}", tag = "templates",
@@ -51,12 +54,17 @@ pub(crate) async fn get_alias(
     Path(alias): Path<String>,
 ) -> Result<Json<TemplateAliasResponse>, ApiError> {
     let record = find(&cp, &alias).await?;
-    Ok(Json(TemplateAliasResponse { template_id: record.template_id.to_string(), public: record.public }))
+    Ok(Json(TemplateAliasResponse {
+        template_id: record.template_id.to_string(),
+        public: record.public,
+    }))
 }
 
 async fn find(cp: &ControlPlane, id_or_alias: &str) -> Result<TemplateRecord, ApiError> {
     cp.store().find_template(id_or_alias).await?.ok_or_else(|| {
-        ApiError::not_found(format!("template {id_or_alias:?} not found: no template has this ID or alias"))
+        ApiError::not_found(format!(
+            "template {id_or_alias:?} not found: no template has this ID or alias"
+        ))
     })
 }
 

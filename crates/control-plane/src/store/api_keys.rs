@@ -47,7 +47,11 @@ impl Store {
         .await?;
 
         tracing::info!(key_id = %key_id, name, "API key created");
-        Ok(CreatedApiKey { key_id, name: name.to_owned(), key })
+        Ok(CreatedApiKey {
+            key_id,
+            name: name.to_owned(),
+            key,
+        })
     }
 
     /// Lists the stored keys, oldest first.

@@ -26,8 +26,11 @@ pub use templates::{BuildRecord, BuildStatus, TemplateBuildRecord, TemplateRecor
 pub const DATABASE_FILE: &str = "hearth.db";
 
 /// Schema migrations, embedded so the binary needs no files beside it.
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "initial", include_str!("../../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../../migrations/0001_initial.sql"),
+)];
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +69,10 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database in `data_dir` and applies pending migrations.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|source| StoreError::CreateDir { path: data_dir.to_owned(), source })?;
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
         let path = data_dir.join(DATABASE_FILE);
 
         let options = SqliteConnectOptions::new()
@@ -81,7 +86,10 @@ impl Store {
             .max_connections(8)
             .connect_with(options)
             .await
-            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
 
         let migrations = MIGRATIONS
             .iter()
@@ -116,7 +124,10 @@ pub(crate) fn to_millis(time: DateTime<Utc>) -> i64 {
 pub(crate) fn from_millis(column: &'static str, millis: i64) -> Result<DateTime<Utc>, StoreError> {
     Utc.timestamp_millis_opt(millis)
         .single()
-        .ok_or(StoreError::Corrupt { column, value: millis.to_string() })
+        .ok_or(StoreError::Corrupt {
+            column,
+            value: millis.to_string(),
+        })
 }
 
 /// Converts an optional stored timestamp back.
@@ -129,5 +140,8 @@ pub(crate) fn from_millis_opt(
 
 /// Converts a stored non-negative integer to `u32`.
 pub(crate) fn to_u32(column: &'static str, value: i64) -> Result<u32, StoreError> {
-    u32::try_from(value).map_err(|_| StoreError::Corrupt { column, value: value.to_string() })
+    u32::try_from(value).map_err(|_| StoreError::Corrupt {
+        column,
+        value: value.to_string(),
+    })
 }

@@ -45,7 +45,10 @@ impl FromStr for SandboxState {
             "running" => Ok(Self::Running),
             "paused" => Ok(Self::Paused),
             "killed" => Ok(Self::Killed),
-            other => Err(StoreError::Corrupt { column: "state", value: other.to_owned() }),
+            other => Err(StoreError::Corrupt {
+                column: "state",
+                value: other.to_owned(),
+            }),
         }
     }
 }
@@ -183,8 +186,10 @@ impl Store {
         for row in &rows {
             let sandbox = sandbox_from_row(row)?;
             let state_matches = states.contains(&sandbox.state);
-            let template_matches =
-                filter.template_id.as_ref().is_none_or(|id| *id == sandbox.template_id);
+            let template_matches = filter
+                .template_id
+                .as_ref()
+                .is_none_or(|id| *id == sandbox.template_id);
             let metadata_matches = filter
                 .metadata
                 .iter()
@@ -220,7 +225,10 @@ impl Store {
         .await?;
         ids.into_iter()
             .map(|id| {
-                SandboxId::parse(&id).map_err(|_| StoreError::Corrupt { column: "sandbox_id", value: id })
+                SandboxId::parse(&id).map_err(|_| StoreError::Corrupt {
+                    column: "sandbox_id",
+                    value: id,
+                })
             })
             .collect()
     }
@@ -285,22 +293,32 @@ fn sandbox_from_row(row: &SqliteRow) -> Result<SandboxRecord, StoreError> {
     let env_var_names: String = row.try_get("env_var_names")?;
 
     Ok(SandboxRecord {
-        sandbox_id: SandboxId::parse(&sandbox_id)
-            .map_err(|_| StoreError::Corrupt { column: "sandbox_id", value: sandbox_id.clone() })?,
-        template_id: TemplateId::parse(&template_id)
-            .map_err(|_| StoreError::Corrupt { column: "template_id", value: template_id.clone() })?,
-        build_id: BuildId::parse(&build_id)
-            .map_err(|_| StoreError::Corrupt { column: "build_id", value: build_id.clone() })?,
+        sandbox_id: SandboxId::parse(&sandbox_id).map_err(|_| StoreError::Corrupt {
+            column: "sandbox_id",
+            value: sandbox_id.clone(),
+        })?,
+        template_id: TemplateId::parse(&template_id).map_err(|_| StoreError::Corrupt {
+            column: "template_id",
+            value: template_id.clone(),
+        })?,
+        build_id: BuildId::parse(&build_id).map_err(|_| StoreError::Corrupt {
+            column: "build_id",
+            value: build_id.clone(),
+        })?,
         alias: row.try_get("alias")?,
-        metadata: serde_json::from_str(&metadata)
-            .map_err(|_| StoreError::Corrupt { column: "metadata", value: metadata.clone() })?,
+        metadata: serde_json::from_str(&metadata).map_err(|_| StoreError::Corrupt {
+            column: "metadata",
+            value: metadata.clone(),
+        })?,
         env_var_names: serde_json::from_str(&env_var_names).map_err(|_| StoreError::Corrupt {
             column: "env_var_names",
             value: env_var_names.clone(),
         })?,
         envd_access_token: row.try_get("envd_access_token")?,
         envd_version: row.try_get("envd_version")?,
-        allow_internet_access: row.try_get::<Option<i64>, _>("allow_internet_access")?.map(|v| v != 0),
+        allow_internet_access: row
+            .try_get::<Option<i64>, _>("allow_internet_access")?
+            .map(|v| v != 0),
         auto_pause: row.try_get::<i64, _>("auto_pause")? != 0,
         vcpus: to_u32("vcpus", row.try_get("vcpus")?)?,
         memory_mib: to_u32("memory_mib", row.try_get("memory_mib")?)?,

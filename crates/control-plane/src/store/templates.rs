@@ -50,7 +50,10 @@ impl FromStr for BuildStatus {
             "building" => Ok(Self::Building),
             "ready" => Ok(Self::Ready),
             "error" => Ok(Self::Error),
-            other => Err(StoreError::Corrupt { column: "status", value: other.to_owned() }),
+            other => Err(StoreError::Corrupt {
+                column: "status",
+                value: other.to_owned(),
+            }),
         }
     }
 }
@@ -183,7 +186,10 @@ impl Store {
     }
 
     /// Looks a template up by ID first, then by alias.
-    pub async fn find_template(&self, id_or_alias: &str) -> Result<Option<TemplateRecord>, StoreError> {
+    pub async fn find_template(
+        &self,
+        id_or_alias: &str,
+    ) -> Result<Option<TemplateRecord>, StoreError> {
         let by_id = format!("{TEMPLATE_COLUMNS} WHERE t.template_id = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(by_id))
             .bind(id_or_alias)
@@ -212,7 +218,9 @@ impl Store {
     /// Lists every template, oldest first.
     pub async fn list_templates(&self) -> Result<Vec<TemplateRecord>, StoreError> {
         let sql = format!("{TEMPLATE_COLUMNS} ORDER BY t.created_at, t.template_id");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?;
         let mut templates = Vec::with_capacity(rows.len());
         for row in &rows {
             templates.push(self.template_from_row(row).await?);
@@ -271,8 +279,10 @@ impl Store {
 
     async fn template_from_row(&self, row: &SqliteRow) -> Result<TemplateRecord, StoreError> {
         let template_id: String = row.try_get("template_id")?;
-        let template_id = TemplateId::parse(&template_id)
-            .map_err(|_| StoreError::Corrupt { column: "template_id", value: template_id })?;
+        let template_id = TemplateId::parse(&template_id).map_err(|_| StoreError::Corrupt {
+            column: "template_id",
+            value: template_id,
+        })?;
 
         let aliases: Vec<String> = sqlx::query_scalar(
             "SELECT alias FROM template_aliases WHERE template_id = $1 ORDER BY alias",
@@ -301,5 +311,8 @@ impl Store {
 }
 
 fn parse_build_id(value: String) -> Result<BuildId, StoreError> {
-    BuildId::parse(&value).map_err(|_| StoreError::Corrupt { column: "build_id", value })
+    BuildId::parse(&value).map_err(|_| StoreError::Corrupt {
+        column: "build_id",
+        value,
+    })
 }

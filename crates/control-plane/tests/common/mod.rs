@@ -45,7 +45,9 @@ pub async fn harness() -> Harness {
 
 pub async fn harness_in(data_dir: tempfile::TempDir, runtime: RecordingRuntime) -> Harness {
     let runtime = Arc::new(runtime);
-    let (router, control_plane) = build(config(data_dir.path()), runtime.clone()).await.expect("build control plane");
+    let (router, control_plane) = build(config(data_dir.path()), runtime.clone())
+        .await
+        .expect("build control plane");
     control_plane
         .store()
         .register_template_build(&TemplateBuildRecord {
@@ -59,7 +61,12 @@ pub async fn harness_in(data_dir: tempfile::TempDir, runtime: RecordingRuntime) 
         })
         .await
         .expect("register base template");
-    Harness { router, control_plane, runtime, data_dir }
+    Harness {
+        router,
+        control_plane,
+        runtime,
+        data_dir,
+    }
 }
 
 pub struct Reply {
@@ -71,27 +78,50 @@ pub struct Reply {
 
 impl Harness {
     pub async fn call(&self, method: Method, uri: &str, body: Option<Value>) -> Reply {
-        self.call_raw(method, uri, Some(API_KEY), body.map(|b| b.to_string())).await
+        self.call_raw(method, uri, Some(API_KEY), body.map(|b| b.to_string()))
+            .await
     }
 
-    pub async fn call_raw(&self, method: Method, uri: &str, key: Option<&str>, body: Option<String>) -> Reply {
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<String>,
+    ) -> Reply {
         let mut request = Request::builder().method(method).uri(uri);
         if let Some(key) = key {
             request = request.header("X-API-Key", key);
         }
         let request = match body {
-            Some(body) => request.header("content-type", "application/json").body(Body::from(body)),
+            Some(body) => request
+                .header("content-type", "application/json")
+                .body(Body::from(body)),
             None => request.body(Body::empty()),
         }
         .unwrap();
 
-        let response = self.router.clone().oneshot(request).await.expect("router never fails");
+        let response = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("router never fails");
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let text = String::from_utf8_lossy(&bytes).into_owned();
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-        Reply { status, headers, body, text }
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        Reply {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     /// Creates a sandbox through `POST /v2/sandboxes` and returns its ID.
@@ -105,6 +135,17 @@ impl Harness {
 /// Checks that an error reply has the JSON shape the SDK reads.
 pub fn assert_error(reply: &Reply, status: StatusCode) {
     assert_eq!(reply.status, status, "{}", reply.text);
-    assert_eq!(reply.body["code"].as_u64(), Some(u64::from(status.as_u16())), "{}", reply.text);
-    assert!(reply.body["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", reply.text);
+    assert_eq!(
+        reply.body["code"].as_u64(),
+        Some(u64::from(status.as_u16())),
+        "{}",
+        reply.text
+    );
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        reply.text
+    );
 }

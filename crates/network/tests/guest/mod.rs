@@ -110,7 +110,7 @@ impl TestGuest {
         TestGuest { netns: netns.to_owned(), stop, relays }
     }
 
-    /// Starts a TCP server on the guest address at `port` that answers each connection with
+    /// Starts a TCP server on the guest address at `port` that replies to each connection with
     /// `"<reply> <peer address>"` and closes it.
     pub fn serve(&self, port: u16, reply: &str) {
         let listener = in_netns(&self.netns, move || TcpListener::bind((GUEST_IP, port)).expect("bind guest port"));
