@@ -35,6 +35,9 @@ pub struct SandboxSpec {
 pub struct StartedSandbox {
     /// Version of envd running in the guest.
     pub envd_version: String,
+    /// Durations of the start's phases, in order, as `(name, duration)`. The create
+    /// response reports them in a `Server-Timing` header beside the whole request's time.
+    pub timings: Vec<(&'static str, std::time::Duration)>,
 }
 
 /// Errors a node agent reports to the control plane.

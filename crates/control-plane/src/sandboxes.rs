@@ -33,6 +33,27 @@ pub(crate) const CONNECT_DEFAULT_TIMEOUT_SECS: i64 = 300;
 /// Default `duration` of `POST /sandboxes/{id}/refreshes`.
 pub(crate) const REFRESH_DEFAULT_SECS: i64 = 15;
 
+/// Where the time of one create request went, for the `Server-Timing` response header.
+pub(crate) struct ServerTiming {
+    /// Phases the runtime reported, in order.
+    pub phases: Vec<(&'static str, Duration)>,
+    /// Time from the runtime call to the stored record.
+    pub total: Duration,
+}
+
+impl ServerTiming {
+    /// Formats the header value: each phase and `total`, as `name;dur=<milliseconds>`.
+    pub fn header_value(&self) -> String {
+        let mut entries: Vec<String> = self
+            .phases
+            .iter()
+            .map(|(name, duration)| format!("{name};dur={:.3}", duration.as_secs_f64() * 1000.0))
+            .collect();
+        entries.push(format!("total;dur={:.3}", self.total.as_secs_f64() * 1000.0));
+        entries.join(", ")
+    }
+}
+
 /// A validated create request.
 struct CreateRequest {
     template: String,
@@ -50,7 +71,7 @@ impl ControlPlane {
         &self,
         api: CreateApi,
         body: NewSandbox,
-    ) -> Result<SandboxRecord, ApiError> {
+    ) -> Result<(SandboxRecord, ServerTiming), ApiError> {
         let request = self.validate_create(api, body)?;
         if self.is_shutting_down() {
             return Err(ApiError::new(
@@ -110,7 +131,7 @@ impl ControlPlane {
             metadata: request.metadata,
             env_var_names: request.env_vars.into_keys().collect(),
             envd_access_token,
-            envd_version: started_sandbox.envd_version,
+            envd_version: started_sandbox.envd_version.clone(),
             allow_internet_access: request.allow_internet_access,
             auto_pause: request.auto_pause,
             vcpus: template.vcpus,
@@ -143,14 +164,17 @@ impl ControlPlane {
             start_ms = started.elapsed().as_millis() as u64,
             "sandbox created"
         );
-        self.store()
+        let record = self
+            .store()
             .get_live_sandbox(&sandbox_id)
             .await?
             .ok_or_else(|| {
                 ApiError::not_found(format!(
                     "sandbox {sandbox_id} was killed while it was being created"
                 ))
-            })
+            })?;
+        let timing = ServerTiming { phases: started_sandbox.timings, total: started.elapsed() };
+        Ok((record, timing))
     }
 
     fn validate_create(&self, api: CreateApi, body: NewSandbox) -> Result<CreateRequest, ApiError> {

@@ -89,6 +89,7 @@ impl SandboxRuntime for RecordingRuntime {
         self.running.lock().unwrap().insert(spec.sandbox_id);
         Ok(StartedSandbox {
             envd_version: hearth_types::ENVD_VERSION.to_owned(),
+            timings: Vec::new(),
         })
     }
 

@@ -68,11 +68,18 @@ impl AppState {
     }
 
     /// Returns the directory where a user's commands start by default: the workdir from
-    /// `/init` when set, otherwise the user's home.
+    /// `/init` when set, otherwise the user's home, or `/` when the home does not exist
+    /// (as for `nobody`, whose home is `/nonexistent`).
     pub fn default_cwd(&self, user: &User) -> PathBuf {
-        self.config()
+        let cwd = self
+            .config()
             .default_workdir
-            .unwrap_or_else(|| user.home.clone())
+            .unwrap_or_else(|| user.home.clone());
+        if cwd.is_dir() {
+            cwd
+        } else {
+            PathBuf::from("/")
+        }
     }
 }
 

@@ -35,6 +35,10 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
+/// Read buffer of backend connections: larger reads mean fewer, larger body frames to
+/// forward, which measured faster for large downloads than hyper's adaptive default.
+const BACKEND_READ_BUFFER: usize = 256 * 1024;
+
 /// Settings of a [`Proxy`].
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -72,6 +76,7 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
+            .http1_read_buf_exact_size(BACKEND_READ_BUFFER)
             .build(connector);
         Proxy { routes, client, config }
     }
@@ -216,7 +221,8 @@ impl Proxy {
 }
 
 /// Requires the sandbox's traffic access token when it has one. The envd port is exempt:
-/// the SDK never sends the traffic token to envd, which checks its own access token.
+/// the SDK (e2b 2.63.0) sends no traffic token on envd calls, and envd checks its own
+/// access token.
 fn check_traffic_token(route: &Route, target: &Target, headers: &HeaderMap) -> Result<(), ProxyError> {
     let Some(expected) = &route.traffic_access_token else {
         return Ok(());

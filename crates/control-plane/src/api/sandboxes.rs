@@ -2,7 +2,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -14,7 +14,7 @@ use crate::models::{
     ConnectSandbox, CreatedSandbox, ListSandboxesQuery, ListSandboxesV2Query, ListedSandbox,
     NewSandbox, SandboxDetail, SandboxLifecycle, SandboxRefreshRequest, SandboxTimeoutRequest,
 };
-use crate::sandboxes::{
+use crate::sandboxes::{ServerTiming, 
     sandbox_not_found, CreateApi, CONNECT_DEFAULT_TIMEOUT_SECS, REFRESH_DEFAULT_SECS,
 };
 use crate::store::{SandboxListFilter, SandboxRecord, SandboxState};
@@ -32,9 +32,9 @@ const NEXT_TOKEN_HEADER: &str = "x-next-token";
 pub(crate) async fn create_v1(
     State(cp): State<ControlPlane>,
     ApiJson(body): ApiJson<NewSandbox>,
-) -> Result<(StatusCode, Json<CreatedSandbox>), ApiError> {
-    let record = cp.create_sandbox(CreateApi::V1, body).await?;
-    Ok((StatusCode::CREATED, Json(created_sandbox(&cp, &record))))
+) -> Result<(StatusCode, [(HeaderName, String); 1], Json<CreatedSandbox>), ApiError> {
+    let (record, timing) = cp.create_sandbox(CreateApi::V1, body).await?;
+    Ok((StatusCode::CREATED, server_timing_header(&timing), Json(created_sandbox(&cp, &record))))
 }
 
 #[utoipa::path(post, path = "/v2/sandboxes", tag = "sandboxes", request_body = NewSandbox,
@@ -43,9 +43,9 @@ pub(crate) async fn create_v1(
 pub(crate) async fn create_v2(
     State(cp): State<ControlPlane>,
     ApiJson(body): ApiJson<NewSandbox>,
-) -> Result<(StatusCode, Json<CreatedSandbox>), ApiError> {
-    let record = cp.create_sandbox(CreateApi::V2, body).await?;
-    Ok((StatusCode::CREATED, Json(created_sandbox(&cp, &record))))
+) -> Result<(StatusCode, [(HeaderName, String); 1], Json<CreatedSandbox>), ApiError> {
+    let (record, timing) = cp.create_sandbox(CreateApi::V2, body).await?;
+    Ok((StatusCode::CREATED, server_timing_header(&timing), Json(created_sandbox(&cp, &record))))
 }
 
 #[utoipa::path(get, path = "/sandboxes", tag = "sandboxes", params(ListSandboxesQuery),
@@ -404,4 +404,10 @@ fn listed_sandbox(record: &SandboxRecord) -> ListedSandbox {
         state: record.state.as_str().to_owned(),
         envd_version: record.envd_version.clone(),
     }
+}
+
+/// The `Server-Timing` header of a create response: how long restoring the VMM, waiting
+/// for envd and the rest took, so clients and benchmarks can tell Hearth's share apart.
+fn server_timing_header(timing: &ServerTiming) -> [(HeaderName, String); 1] {
+    [(HeaderName::from_static("server-timing"), timing.header_value())]
 }

@@ -1,4 +1,4 @@
-//! A stand-in guest for the slot tests: a network namespace whose tap `gtap` holds the
+//! A stand-in guest for the slot tests: a network namespace whose tap `gtap` has the
 //! guest address and MAC, joined to the slot's `tap0` by two threads that copy Ethernet
 //! frames between the two tap file descriptors, as a VMM's virtio-net device does.
 
