@@ -24,7 +24,13 @@ pub fn router(state: Arc<AppState>, set_clock: bool) -> Router {
     Router::new()
         .merge(crate::process::service::router())
         .merge(crate::filesystem::router())
-        .route("/files", get(files::download).post(files::upload))
+        // Uploads stream to disk, so their size needs no limit.
+        .route(
+            "/files",
+            get(files::download)
+                .post(files::upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/envs", get(envs))
         .route("/metrics", get(metrics))
         .route(
@@ -36,7 +42,7 @@ pub fn router(state: Arc<AppState>, set_clock: bool) -> Router {
             ),
         )
         .layer(middleware::from_fn_with_state(state.clone(), check_access_token))
-        // `/health` is added after the layer so that it answers without a token.
+        // `/health` is added after the layer, so it responds without a token.
         .route("/health", get(health))
         .with_state(state)
 }

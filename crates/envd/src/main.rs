@@ -2,8 +2,8 @@
 //! (Connect RPC process and filesystem services, and the HTTP files, health and init
 //! endpoints) on port 49983.
 //!
-//! As PID 1 of the guest it forks: the parent reaps every process that ends, orphans
-//! included, and restarts the server child when that dies; the child runs the server.
+//! As PID 1 of the guest it forks, and the child runs the server. The parent reaps every
+//! process that ends, orphans included, and restarts the server child when that dies.
 
 mod api;
 mod connect;

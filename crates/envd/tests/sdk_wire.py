@@ -265,6 +265,20 @@ def test_large_file(root):
     check("100 MiB download size", size == LARGE_FILE_BYTES, str(size))
     check("100 MiB checksum", downloaded.hexdigest() == expected)
 
+    with open(source, "rb") as data:
+        response = httpx.post(
+            f"{BASE_URL}/files",
+            params={"path": f"{root}/large-multipart.bin"},
+            files=[("file", ("large-multipart.bin", data))],
+            timeout=120,
+        )
+    check("100 MiB multipart upload", response.status_code == 200, response.text)
+    downloaded = hashlib.sha256()
+    with httpx.stream("GET", f"{BASE_URL}/files", params={"path": f"{root}/large-multipart.bin"}, timeout=120) as response:
+        for chunk in response.iter_bytes():
+            downloaded.update(chunk)
+    check("100 MiB multipart checksum", downloaded.hexdigest() == expected)
+
     response = httpx.get(f"{BASE_URL}/files", params={"path": f"{root}/missing"})
     check("download missing is 404 JSON", response.status_code == 404 and "message" in response.json(), response.text)
 

@@ -17,7 +17,12 @@ pub enum CommandError {
     },
 
     #[error("`{program} {args}` failed ({status}): {stderr}")]
-    Failed { program: &'static str, args: String, status: std::process::ExitStatus, stderr: String },
+    Failed {
+        program: &'static str,
+        args: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
 
     #[error("failed to enter network namespace {netns}")]
     EnterNetns {
@@ -38,14 +43,24 @@ pub enum CommandError {
 }
 
 /// Runs `program args`, feeding `stdin` when given, and returns its standard output.
-pub(crate) fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
+pub(crate) fn run(
+    program: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, CommandError> {
     let mut command = Command::new(program);
     command
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = command.spawn().map_err(|source| CommandError::Spawn { program, source })?;
+    let mut child = command
+        .spawn()
+        .map_err(|source| CommandError::Spawn { program, source })?;
 
     if let Some(input) = stdin {
         // A write error means the child exited early; its status and stderr show why.
@@ -54,7 +69,9 @@ pub(crate) fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> 
         }
     }
 
-    let output = child.wait_with_output().map_err(|source| CommandError::Spawn { program, source })?;
+    let output = child
+        .wait_with_output()
+        .map_err(|source| CommandError::Spawn { program, source })?;
     if !output.status.success() {
         return Err(CommandError::Failed {
             program,
@@ -78,18 +95,28 @@ where
     let path = format!("/run/netns/{netns}");
     let name = netns.to_owned();
     let handle = std::thread::spawn(move || {
-        let file = File::open(&path).map_err(|source| CommandError::EnterNetns { netns: name.clone(), source })?;
-        setns(&file, CloneFlags::CLONE_NEWNET)
-            .map_err(|errno| CommandError::EnterNetns { netns: name, source: errno.into() })?;
+        let file = File::open(&path).map_err(|source| CommandError::EnterNetns {
+            netns: name.clone(),
+            source,
+        })?;
+        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| CommandError::EnterNetns {
+            netns: name,
+            source: errno.into(),
+        })?;
         work()
     });
-    handle.join().map_err(|_| CommandError::ThreadPanicked { netns: netns.to_owned() })?
+    handle.join().map_err(|_| CommandError::ThreadPanicked {
+        netns: netns.to_owned(),
+    })?
 }
 
 /// Writes `value` to a sysctl file such as `/proc/sys/net/ipv4/ip_forward`, for the network
 /// namespace of the calling thread.
 pub(crate) fn write_sysctl(path: &str, value: &str) -> Result<(), CommandError> {
-    std::fs::write(path, value).map_err(|source| CommandError::Sysctl { path: path.to_owned(), source })
+    std::fs::write(path, value).map_err(|source| CommandError::Sysctl {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Returns whether an `ip` or `nft` failure means the object was already gone.

@@ -41,7 +41,9 @@ impl InstanceId {
     /// Parses an explicit instance ID.
     pub fn parse(value: &str) -> Result<Self, InvalidInstanceId> {
         let valid = value.len() == INSTANCE_ID_LEN
-            && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if valid {
             Ok(Self(value.to_owned()))
         } else {
@@ -109,7 +111,10 @@ mod tests {
     fn data_dirs_differ() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        assert_ne!(InstanceId::from_data_dir(a.path()).unwrap(), InstanceId::from_data_dir(b.path()).unwrap());
+        assert_ne!(
+            InstanceId::from_data_dir(a.path()).unwrap(),
+            InstanceId::from_data_dir(b.path()).unwrap()
+        );
     }
 
     #[test]

@@ -47,7 +47,12 @@ pub struct SlotPoolConfig {
 impl SlotPoolConfig {
     /// Settings with the defaults: 8 ready slots, a chosen subnet, `/run/hearth/network`.
     pub fn new(instance: InstanceId) -> Self {
-        Self { instance, ready_target: DEFAULT_READY_TARGET, subnet: None, lock_dir: PathBuf::from(DEFAULT_LOCK_DIR) }
+        Self {
+            instance,
+            ready_target: DEFAULT_READY_TARGET,
+            subnet: None,
+            lock_dir: PathBuf::from(DEFAULT_LOCK_DIR),
+        }
     }
 }
 
@@ -135,7 +140,8 @@ impl SlotPool {
     pub async fn start(config: SlotPoolConfig) -> Result<SlotPool, PoolError> {
         let instance = config.instance.clone();
         let ready_target = config.ready_target;
-        let (instance_lock, lease, report) = tokio::task::spawn_blocking(move || prepare_host(&config)).await??;
+        let (instance_lock, lease, report) =
+            tokio::task::spawn_blocking(move || prepare_host(&config)).await??;
         if report != SweepReport::default() {
             tracing::info!(
                 instance = %instance,
@@ -186,7 +192,10 @@ impl SlotPool {
 
         tracing::info!(netns = %plan.netns, "no prepared slot left; creating one now");
         let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || setup::create_slot(&plan).map_err(|e| (plan.index, e))).await?;
+        let result = tokio::task::spawn_blocking(move || {
+            setup::create_slot(&plan).map_err(|e| (plan.index, e))
+        })
+        .await?;
         match result {
             Ok(slot) => {
                 tracing::debug!(netns = %slot.netns, elapsed_ms = started.elapsed().as_millis() as u64, "slot created");
@@ -209,13 +218,17 @@ impl SlotPool {
         {
             let mut state = self.inner.lock_state();
             if slot.netns != expected_netns || !state.in_use.remove(&slot.index) {
-                return Err(PoolError::UnknownSlot { index: slot.index, netns: slot.netns });
+                return Err(PoolError::UnknownSlot {
+                    index: slot.index,
+                    netns: slot.netns,
+                });
             }
         }
 
         let host_veth = self.inner.instance.host_veth_name(slot.index);
         let netns = slot.netns.clone();
-        let result = tokio::task::spawn_blocking(move || setup::destroy_slot(&netns, &host_veth)).await?;
+        let result =
+            tokio::task::spawn_blocking(move || setup::destroy_slot(&netns, &host_veth)).await?;
         match result {
             Ok(()) => {
                 self.inner.lock_state().free_indices.insert(slot.index);
@@ -267,7 +280,8 @@ impl SlotPool {
         }
 
         let instance = self.inner.instance.clone();
-        let report = tokio::task::spawn_blocking(move || sweep::sweep_instance(&instance)).await??;
+        let report =
+            tokio::task::spawn_blocking(move || sweep::sweep_instance(&instance)).await??;
         let mut state = self.inner.lock_state();
         state.ready.clear();
         state.in_use.clear();
@@ -280,7 +294,9 @@ impl PoolInner {
     fn lock_state(&self) -> MutexGuard<'_, PoolState> {
         // A panic while holding the lock leaves counts that are still consistent enough
         // to go on with; recover rather than poison every later call.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn allocate_index(&self, state: &mut PoolState) -> Result<u32, PoolError> {
@@ -291,11 +307,15 @@ impl PoolInner {
             state.next_index += 1;
             return Ok(state.next_index - 1);
         }
-        Err(PoolError::Exhausted { capacity: self.capacity, subnet: self.subnet })
+        Err(PoolError::Exhausted {
+            capacity: self.capacity,
+            subnet: self.subnet,
+        })
     }
 
     fn plan(&self, index: u32) -> SlotPlan {
-        SlotPlan::new(&self.instance, &self.subnet, index).expect("allocated index is within the subnet's capacity")
+        SlotPlan::new(&self.instance, &self.subnet, index)
+            .expect("allocated index is within the subnet's capacity")
     }
 
     /// Reserves an index for a background creation when the pool is below its target.
@@ -361,7 +381,9 @@ async fn create_in_background(inner: &PoolInner, plan: SlotPlan) {
 }
 
 /// Blocking part of [`SlotPool::start`].
-fn prepare_host(config: &SlotPoolConfig) -> Result<(Flock<File>, SubnetLease, SweepReport), PoolError> {
+fn prepare_host(
+    config: &SlotPoolConfig,
+) -> Result<(Flock<File>, SubnetLease, SweepReport), PoolError> {
     let instance = &config.instance;
     let lock_path = config.lock_dir.join(format!("instance-{instance}.lock"));
     let lock_file = subnet::open_lock_file(&lock_path)?;

@@ -42,7 +42,10 @@ impl SlotPlan {
 ///   metadata service) through the host;
 /// - input: slots cannot open connections to the host's own services;
 /// - postrouting: slot traffic leaving the host is masqueraded.
-pub(crate) fn install_host_rules(instance: &InstanceId, subnet: &Ipv4Subnet) -> Result<(), CommandError> {
+pub(crate) fn install_host_rules(
+    instance: &InstanceId,
+    subnet: &Ipv4Subnet,
+) -> Result<(), CommandError> {
     command::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
 
     let table = instance.nft_table();
@@ -75,7 +78,11 @@ pub(crate) fn install_host_rules(instance: &InstanceId, subnet: &Ipv4Subnet) -> 
 
 /// Deletes the instance's nftables table; returns whether it existed.
 pub(crate) fn remove_host_rules(instance: &InstanceId) -> Result<bool, CommandError> {
-    match command::run("nft", &["delete", "table", "ip", &instance.nft_table()], None) {
+    match command::run(
+        "nft",
+        &["delete", "table", "ip", &instance.nft_table()],
+        None,
+    ) {
         Ok(_) => Ok(true),
         Err(error) if is_not_found(&error) => Ok(false),
         Err(error) => Err(error),
@@ -96,7 +103,13 @@ pub(crate) fn create_slot(plan: &SlotPlan) -> Result<Slot, CommandError> {
 }
 
 fn configure_slot(plan: &SlotPlan) -> Result<Slot, CommandError> {
-    let SlotPlan { netns, host_veth, host_ip, guest_route_ip, .. } = plan;
+    let SlotPlan {
+        netns,
+        host_veth,
+        host_ip,
+        guest_route_ip,
+        ..
+    } = plan;
 
     let host_batch = format!(
         "netns add {netns}\n\
@@ -138,7 +151,12 @@ fn configure_slot(plan: &SlotPlan) -> Result<Slot, CommandError> {
         Ok(())
     })?;
 
-    Ok(Slot { index: plan.index, netns: netns.clone(), host_ip: *host_ip, guest_route_ip: *guest_route_ip })
+    Ok(Slot {
+        index: plan.index,
+        netns: netns.clone(),
+        host_ip: *host_ip,
+        guest_route_ip: *guest_route_ip,
+    })
 }
 
 /// Deletes a slot. Deleting the host veth end first removes the pair at once (the

@@ -19,7 +19,10 @@ use crate::command::{self, CommandError};
 use crate::instance::InstanceId;
 
 /// Range that default instance subnets are taken from.
-pub const DEFAULT_RANGE: Ipv4Subnet = Ipv4Subnet { network: Ipv4Addr::new(10, 200, 0, 0), prefix_len: 13 };
+pub const DEFAULT_RANGE: Ipv4Subnet = Ipv4Subnet {
+    network: Ipv4Addr::new(10, 200, 0, 0),
+    prefix_len: 13,
+};
 
 /// Prefix length of a default instance subnet.
 pub const DEFAULT_PREFIX_LEN: u8 = 20;
@@ -38,18 +41,29 @@ pub enum SubnetError {
     Invalid(String),
 
     #[error("subnet {subnet} has host bits set: use {network}/{prefix_len}")]
-    HostBits { subnet: String, network: Ipv4Addr, prefix_len: u8 },
+    HostBits {
+        subnet: String,
+        network: Ipv4Addr,
+        prefix_len: u8,
+    },
 
     #[error("subnet {0} is too small: slots need a prefix length of 29 or less")]
     TooSmall(Ipv4Subnet),
 
-    #[error("subnet {subnet} overlaps the host route or address {conflict}: choose another subnet")]
-    Conflict { subnet: Ipv4Subnet, conflict: Ipv4Subnet },
+    #[error(
+        "subnet {subnet} overlaps the host route or address {conflict}: choose another subnet"
+    )]
+    Conflict {
+        subnet: Ipv4Subnet,
+        conflict: Ipv4Subnet,
+    },
 
     #[error("subnet {0} is held by another running Hearth instance")]
     Held(Ipv4Subnet),
 
-    #[error("no free /{DEFAULT_PREFIX_LEN} subnet left in {DEFAULT_RANGE}: set an explicit subnet")]
+    #[error(
+        "no free /{DEFAULT_PREFIX_LEN} subnet left in {DEFAULT_RANGE}: set an explicit subnet"
+    )]
     Exhausted,
 
     #[error("failed to list host routes")]
@@ -72,9 +86,16 @@ impl Ipv4Subnet {
         }
         let masked = Ipv4Addr::from(u32::from(network) & mask(prefix_len));
         if masked != network {
-            return Err(SubnetError::HostBits { subnet: text, network: masked, prefix_len });
+            return Err(SubnetError::HostBits {
+                subnet: text,
+                network: masked,
+                prefix_len,
+            });
         }
-        Ok(Self { network, prefix_len })
+        Ok(Self {
+            network,
+            prefix_len,
+        })
     }
 
     /// Returns the network address.
@@ -136,8 +157,12 @@ impl FromStr for Ipv4Subnet {
 
     fn from_str(value: &str) -> Result<Self, SubnetError> {
         let (address, prefix) = value.split_once('/').unwrap_or((value, "32"));
-        let network = address.parse().map_err(|_| SubnetError::Invalid(value.to_owned()))?;
-        let prefix_len = prefix.parse().map_err(|_| SubnetError::Invalid(value.to_owned()))?;
+        let network = address
+            .parse()
+            .map_err(|_| SubnetError::Invalid(value.to_owned()))?;
+        let prefix_len = prefix
+            .parse()
+            .map_err(|_| SubnetError::Invalid(value.to_owned()))?;
         Self::new(network, prefix_len)
     }
 }
@@ -161,7 +186,8 @@ pub fn choose_subnet(
     lock_dir: &Path,
 ) -> Result<SubnetLease, SubnetError> {
     let host_prefixes = host_prefixes().map_err(SubnetError::Routes)?;
-    let conflict_with = |subnet: &Ipv4Subnet| host_prefixes.iter().find(|p| p.overlaps(subnet)).copied();
+    let conflict_with =
+        |subnet: &Ipv4Subnet| host_prefixes.iter().find(|p| p.overlaps(subnet)).copied();
 
     if let Some(subnet) = explicit {
         if subnet.slot_capacity() < 2 {
@@ -178,7 +204,10 @@ pub fn choose_subnet(
     for step in 0..candidates {
         let offset = (start + step) % candidates;
         let network = u32::from(DEFAULT_RANGE.network) + (offset << (32 - DEFAULT_PREFIX_LEN));
-        let subnet = Ipv4Subnet { network: Ipv4Addr::from(network), prefix_len: DEFAULT_PREFIX_LEN };
+        let subnet = Ipv4Subnet {
+            network: Ipv4Addr::from(network),
+            prefix_len: DEFAULT_PREFIX_LEN,
+        };
         if let Some(conflict) = conflict_with(&subnet) {
             tracing::debug!(%subnet, %conflict, "skipping subnet that overlaps a host route");
             continue;
@@ -191,21 +220,35 @@ pub fn choose_subnet(
 }
 
 fn try_lock(subnet: Ipv4Subnet, lock_dir: &Path) -> Result<Option<SubnetLease>, SubnetError> {
-    let path = lock_dir.join(format!("subnet-{}_{}.lock", subnet.network, subnet.prefix_len));
+    let path = lock_dir.join(format!(
+        "subnet-{}_{}.lock",
+        subnet.network, subnet.prefix_len
+    ));
     let file = open_lock_file(&path)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(Some(SubnetLease { subnet, _lock: lock })),
+        Ok(lock) => Ok(Some(SubnetLease {
+            subnet,
+            _lock: lock,
+        })),
         Err((_, _)) => Ok(None),
     }
 }
 
 /// Opens (creating it and its directory if needed) a lock file.
 pub(crate) fn open_lock_file(path: &Path) -> Result<File, SubnetError> {
-    let error = |source| SubnetError::LockFile { path: path.display().to_string(), source };
+    let error = |source| SubnetError::LockFile {
+        path: path.display().to_string(),
+        source,
+    };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(error)?;
     }
-    OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(error)
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(error)
 }
 
 /// Lists the IPv4 destinations of every host route (all tables, including the local
@@ -249,9 +292,15 @@ mod tests {
     fn slot_addresses() {
         let subnet: Ipv4Subnet = "10.200.16.0/20".parse().unwrap();
         assert_eq!(subnet.host_ip(0), Some(Ipv4Addr::new(10, 200, 16, 1)));
-        assert_eq!(subnet.guest_route_ip(0), Some(Ipv4Addr::new(10, 200, 16, 2)));
+        assert_eq!(
+            subnet.guest_route_ip(0),
+            Some(Ipv4Addr::new(10, 200, 16, 2))
+        );
         assert_eq!(subnet.host_ip(64), Some(Ipv4Addr::new(10, 200, 17, 1)));
-        assert_eq!(subnet.guest_route_ip(1023), Some(Ipv4Addr::new(10, 200, 31, 254)));
+        assert_eq!(
+            subnet.guest_route_ip(1023),
+            Some(Ipv4Addr::new(10, 200, 31, 254))
+        );
         assert_eq!(subnet.host_ip(1024), None);
     }
 
@@ -270,7 +319,13 @@ mod tests {
     fn route_destinations_skip_default() {
         let json = r#"[{"dst":"default","gateway":"192.0.2.1"},{"dst":"192.0.2.0/24"},{"dst":"127.0.0.1","type":"local"}]"#;
         let parsed = parse_route_destinations(json);
-        assert_eq!(parsed, vec!["192.0.2.0/24".parse().unwrap(), "127.0.0.1/32".parse().unwrap()]);
+        assert_eq!(
+            parsed,
+            vec![
+                "192.0.2.0/24".parse().unwrap(),
+                "127.0.0.1/32".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

@@ -46,5 +46,7 @@ fn list_dir_names(path: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(path) else {
         return Vec::new();
     };
-    entries.filter_map(|entry| entry.ok()?.file_name().into_string().ok()).collect()
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .collect()
 }

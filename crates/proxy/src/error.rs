@@ -27,10 +27,18 @@ pub enum ProxyError {
     TrafficTokenRejected { sandbox_id: String, port: u16 },
 
     #[error("The sandbox {sandbox_id} is running but port is not open: nothing accepted a connection on port {port} ({reason})")]
-    PortNotOpen { sandbox_id: String, port: u16, reason: String },
+    PortNotOpen {
+        sandbox_id: String,
+        port: u16,
+        reason: String,
+    },
 
     #[error("request to port {port} of sandbox {sandbox_id} failed: {reason}")]
-    Upstream { sandbox_id: String, port: u16, reason: String },
+    Upstream {
+        sandbox_id: String,
+        port: u16,
+        reason: String,
+    },
 }
 
 impl ProxyError {
@@ -39,9 +47,9 @@ impl ProxyError {
         match self {
             ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
             ProxyError::TrafficTokenRejected { .. } => StatusCode::FORBIDDEN,
-            ProxyError::SandboxNotFound { .. } | ProxyError::PortNotOpen { .. } | ProxyError::Upstream { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::SandboxNotFound { .. }
+            | ProxyError::PortNotOpen { .. }
+            | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -49,10 +57,15 @@ impl ProxyError {
     pub fn to_response(&self) -> Response<ProxyBody> {
         let status = self.status();
         let body = serde_json::json!({ "code": status.as_u16(), "message": self.to_string() });
-        let body = Full::new(Bytes::from(body.to_string())).map_err(|never| match never {}).boxed();
+        let body = Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed();
         let mut response = Response::new(body);
         *response.status_mut() = status;
-        response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
         response
     }
 }
@@ -63,14 +76,20 @@ mod tests {
 
     #[test]
     fn not_found_message_matches_sdk_phrase() {
-        let error = ProxyError::SandboxNotFound { sandbox_id: "abc".into() };
+        let error = ProxyError::SandboxNotFound {
+            sandbox_id: "abc".into(),
+        };
         assert!(error.to_string().contains("was not found"));
         assert_eq!(error.status(), StatusCode::BAD_GATEWAY);
     }
 
     #[test]
     fn port_not_open_message_matches_sdk_phrase() {
-        let error = ProxyError::PortNotOpen { sandbox_id: "abc".into(), port: 8080, reason: "connection refused".into() };
+        let error = ProxyError::PortNotOpen {
+            sandbox_id: "abc".into(),
+            port: 8080,
+            reason: "connection refused".into(),
+        };
         let message = error.to_string();
         assert!(message.contains("port is not open"), "{message}");
         assert!(message.contains("8080"), "{message}");

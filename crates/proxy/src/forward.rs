@@ -21,7 +21,9 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Returns whether an HTTP/1.1 request requests a switch of protocol (for example to WebSocket).
 pub(crate) fn wants_upgrade(version: Version, headers: &HeaderMap) -> bool {
-    version == Version::HTTP_11 && headers.contains_key(header::UPGRADE) && connection_has_token(headers, "upgrade")
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && connection_has_token(headers, "upgrade")
 }
 
 fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
@@ -58,16 +60,29 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// original Host kept (taken from the authority for HTTP/2 clients), hop-by-hop headers
 /// and the traffic access token removed, and the client address appended to
 /// `X-Forwarded-For`.
-pub(crate) fn prepare_request(parts: &mut Parts, upstream: SocketAddr, client: SocketAddr, upgrade: bool) {
+pub(crate) fn prepare_request(
+    parts: &mut Parts,
+    upstream: SocketAddr,
+    client: SocketAddr,
+    upgrade: bool,
+) {
     if !parts.headers.contains_key(header::HOST) {
-        if let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
             parts.headers.insert(header::HOST, host);
         }
     }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(TRAFFIC_ACCESS_TOKEN_HEADER);
 
-    let forwarded_for = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let forwarded_for = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
         Some(previous) => format!("{previous}, {}", client.ip()),
         None => client.ip().to_string(),
     };
@@ -75,7 +90,11 @@ pub(crate) fn prepare_request(parts: &mut Parts, upstream: SocketAddr, client: S
         parts.headers.insert("x-forwarded-for", value);
     }
 
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     parts.uri = Uri::builder()
         .scheme("http")
         .authority(upstream.to_string())
@@ -102,10 +121,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         headers.insert("x-private", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert("x-access-token", HeaderValue::from_static("secret"));
         strip_hop_by_hop(&mut headers, false);
         assert_eq!(headers.len(), 1, "{headers:?}");
@@ -132,10 +157,18 @@ mod tests {
             .body(())
             .unwrap();
         let (mut parts, ()) = request.into_parts();
-        prepare_request(&mut parts, "10.0.0.2:8080".parse().unwrap(), "127.0.0.1:5000".parse().unwrap(), false);
+        prepare_request(
+            &mut parts,
+            "10.0.0.2:8080".parse().unwrap(),
+            "127.0.0.1:5000".parse().unwrap(),
+            false,
+        );
         assert_eq!(parts.uri, "http://10.0.0.2:8080/a/b?c=d");
         assert_eq!(parts.version, Version::HTTP_11);
-        assert_eq!(parts.headers.get(header::HOST).unwrap(), "8080-sbx.example.com");
+        assert_eq!(
+            parts.headers.get(header::HOST).unwrap(),
+            "8080-sbx.example.com"
+        );
         assert_eq!(parts.headers.get("x-forwarded-for").unwrap(), "127.0.0.1");
         assert!(!parts.headers.contains_key(TRAFFIC_ACCESS_TOKEN_HEADER));
     }

@@ -16,4 +16,6 @@ mod target;
 pub use error::ProxyError;
 pub use route::{Route, RouteTable};
 pub use server::{Proxy, ProxyBody, ProxyConfig};
-pub use target::{Target, TargetError, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_ACCESS_TOKEN_HEADER};
+pub use target::{
+    Target, TargetError, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_ACCESS_TOKEN_HEADER,
+};

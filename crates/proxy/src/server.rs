@@ -35,10 +35,6 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const HTTP2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
-/// Read buffer of backend connections: larger reads mean fewer, larger body frames to
-/// forward, which measured faster for large downloads than hyper's adaptive default.
-const BACKEND_READ_BUFFER: usize = 256 * 1024;
-
 /// Settings of a [`Proxy`].
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -76,15 +72,22 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
-            .http1_read_buf_exact_size(BACKEND_READ_BUFFER)
             .build(connector);
-        Proxy { routes, client, config }
+        Proxy {
+            routes,
+            client,
+            config,
+        }
     }
 
     /// Accepts connections on `listener` (HTTP/1.1, h2c with prior knowledge, and
     /// HTTP/1.1 upgrades) until `shutdown` completes, then lets open connections finish
     /// for up to the drain timeout.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http2()
@@ -115,7 +118,9 @@ impl Proxy {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(request, client).await) }
             });
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
             let connection = graceful.watch(connection);
             tokio::spawn(async move {
                 if let Err(error) = connection.await {
@@ -136,7 +141,11 @@ impl Proxy {
     }
 
     /// Forwards one request and returns the backend's response, or a JSON error response.
-    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
         match self.forward(request, client).await {
@@ -148,16 +157,22 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, mut request: Request<Incoming>, client: SocketAddr) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let upgrade = wants_upgrade(request.version(), request.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
         let (mut parts, body) = request.into_parts();
         let target = Target::from_request(&parts)?;
-        let route = self
-            .routes
-            .lookup(&target.sandbox_id)
-            .ok_or_else(|| ProxyError::SandboxNotFound { sandbox_id: target.sandbox_id.clone() })?;
+        let route =
+            self.routes
+                .lookup(&target.sandbox_id)
+                .ok_or_else(|| ProxyError::SandboxNotFound {
+                    sandbox_id: target.sandbox_id.clone(),
+                })?;
         check_traffic_token(&route, &target, &parts.headers)?;
 
         let upstream = SocketAddr::from((route.address, target.port));
@@ -165,8 +180,15 @@ impl Proxy {
         let request = Request::from_parts(parts, body);
 
         let mut response = match client_upgrade {
-            Some(client_upgrade) => self.forward_upgrade(request, client_upgrade, &target, upstream).await?,
-            None => self.client.request(request).await.map_err(|error| classify(&error, &target, error.is_connect()))?,
+            Some(client_upgrade) => {
+                self.forward_upgrade(request, client_upgrade, &target, upstream)
+                    .await?
+            }
+            None => self
+                .client
+                .request(request)
+                .await
+                .map_err(|error| classify(&error, &target, error.is_connect()))?,
         };
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(response.headers_mut(), switching);
@@ -183,23 +205,35 @@ impl Proxy {
         target: &Target,
         upstream: SocketAddr,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let stream = match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(upstream)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(port_not_open(target, error.to_string())),
-            Err(_) => return Err(port_not_open(target, format!("timed out after {:?}", self.config.connect_timeout))),
-        };
+        let stream =
+            match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(upstream))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return Err(port_not_open(target, error.to_string())),
+                Err(_) => {
+                    return Err(port_not_open(
+                        target,
+                        format!("timed out after {:?}", self.config.connect_timeout),
+                    ))
+                }
+            };
         let _ = stream.set_nodelay(true);
 
-        let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream))
-            .await
-            .map_err(|error| classify(&error, target, false))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream))
+                .await
+                .map_err(|error| classify(&error, target, false))?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%error, "backend upgrade connection ended with an error");
             }
         });
 
-        let mut response = sender.send_request(request).await.map_err(|error| classify(&error, target, false))?;
+        let mut response = sender
+            .send_request(request)
+            .await
+            .map_err(|error| classify(&error, target, false))?;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let backend_upgrade = hyper::upgrade::on(&mut response);
             let sandbox_id = target.sandbox_id.clone();
@@ -208,7 +242,9 @@ impl Proxy {
                     Ok((client, backend)) => {
                         let mut client = TokioIo::new(client);
                         let mut backend = TokioIo::new(backend);
-                        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+                        if let Err(error) =
+                            tokio::io::copy_bidirectional(&mut client, &mut backend).await
+                        {
                             tracing::debug!(%sandbox_id, %error, "upgraded connection ended with an error");
                         }
                     }
@@ -223,18 +259,27 @@ impl Proxy {
 /// Requires the sandbox's traffic access token when it has one. The envd port is exempt:
 /// the SDK (e2b 2.63.0) sends no traffic token on envd calls, and envd checks its own
 /// access token.
-fn check_traffic_token(route: &Route, target: &Target, headers: &HeaderMap) -> Result<(), ProxyError> {
+fn check_traffic_token(
+    route: &Route,
+    target: &Target,
+    headers: &HeaderMap,
+) -> Result<(), ProxyError> {
     let Some(expected) = &route.traffic_access_token else {
         return Ok(());
     };
     if target.port == ENVD_PORT {
         return Ok(());
     }
-    let presented = headers.get(TRAFFIC_ACCESS_TOKEN_HEADER).map(|v| v.as_bytes());
+    let presented = headers
+        .get(TRAFFIC_ACCESS_TOKEN_HEADER)
+        .map(|v| v.as_bytes());
     if presented.is_some_and(|token| constant_time_eq(token, expected.as_bytes())) {
         Ok(())
     } else {
-        Err(ProxyError::TrafficTokenRejected { sandbox_id: target.sandbox_id.clone(), port: target.port })
+        Err(ProxyError::TrafficTokenRejected {
+            sandbox_id: target.sandbox_id.clone(),
+            port: target.port,
+        })
     }
 }
 
@@ -244,15 +289,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn port_not_open(target: &Target, reason: String) -> ProxyError {
-    ProxyError::PortNotOpen { sandbox_id: target.sandbox_id.clone(), port: target.port, reason }
+    ProxyError::PortNotOpen {
+        sandbox_id: target.sandbox_id.clone(),
+        port: target.port,
+        reason,
+    }
 }
 
-fn classify(error: &(dyn std::error::Error + 'static), target: &Target, is_connect: bool) -> ProxyError {
+fn classify(
+    error: &(dyn std::error::Error + 'static),
+    target: &Target,
+    is_connect: bool,
+) -> ProxyError {
     let reason = root_cause(error);
     if is_connect {
         port_not_open(target, reason)
     } else {
-        ProxyError::Upstream { sandbox_id: target.sandbox_id.clone(), port: target.port, reason }
+        ProxyError::Upstream {
+            sandbox_id: target.sandbox_id.clone(),
+            port: target.port,
+            reason,
+        }
     }
 }
 
@@ -261,11 +318,17 @@ mod tests {
     use super::*;
 
     fn target(port: u16) -> Target {
-        Target { sandbox_id: "sbx".into(), port }
+        Target {
+            sandbox_id: "sbx".into(),
+            port,
+        }
     }
 
     fn route(token: Option<&str>) -> Route {
-        Route { address: "127.0.0.1".parse().unwrap(), traffic_access_token: token.map(str::to_owned) }
+        Route {
+            address: "127.0.0.1".parse().unwrap(),
+            traffic_access_token: token.map(str::to_owned),
+        }
     }
 
     #[test]
@@ -275,7 +338,8 @@ mod tests {
 
     #[test]
     fn token_required_when_set() {
-        let error = check_traffic_token(&route(Some("t0k")), &target(8080), &HeaderMap::new()).unwrap_err();
+        let error =
+            check_traffic_token(&route(Some("t0k")), &target(8080), &HeaderMap::new()).unwrap_err();
         assert_eq!(error.status(), StatusCode::FORBIDDEN);
 
         let mut wrong = HeaderMap::new();
@@ -289,6 +353,8 @@ mod tests {
 
     #[test]
     fn envd_port_exempt_from_token() {
-        assert!(check_traffic_token(&route(Some("t0k")), &target(ENVD_PORT), &HeaderMap::new()).is_ok());
+        assert!(
+            check_traffic_token(&route(Some("t0k")), &target(ENVD_PORT), &HeaderMap::new()).is_ok()
+        );
     }
 }

@@ -34,7 +34,10 @@ pub enum TargetError {
     InvalidHost(String),
 
     #[error("header {present} is set but {missing} is missing: send both to route by headers")]
-    IncompleteHeaders { present: &'static str, missing: &'static str },
+    IncompleteHeaders {
+        present: &'static str,
+        missing: &'static str,
+    },
 
     #[error("invalid E2b-Sandbox-Port {0:?}: expected a TCP port number from 1 to 65535")]
     InvalidPortHeader(String),
@@ -51,8 +54,14 @@ impl Target {
             return Ok(target);
         }
         let host = match parts.headers.get(HOST) {
-            Some(value) => value.to_str().map_err(|_| TargetError::InvalidHost(String::from_utf8_lossy(value.as_bytes()).into_owned()))?,
-            None => parts.uri.authority().map(|a| a.as_str()).ok_or(TargetError::MissingHost)?,
+            Some(value) => value.to_str().map_err(|_| {
+                TargetError::InvalidHost(String::from_utf8_lossy(value.as_bytes()).into_owned())
+            })?,
+            None => parts
+                .uri
+                .authority()
+                .map(|a| a.as_str())
+                .ok_or(TargetError::MissingHost)?,
         };
         parse_host(host)
     }
@@ -65,10 +74,16 @@ fn from_headers(parts: &Parts) -> Result<Option<Target>, TargetError> {
         (None, None) => return Ok(None),
         (Some(id), Some(port)) => (id, port),
         (Some(_), None) => {
-            return Err(TargetError::IncompleteHeaders { present: "E2b-Sandbox-Id", missing: "E2b-Sandbox-Port" })
+            return Err(TargetError::IncompleteHeaders {
+                present: "E2b-Sandbox-Id",
+                missing: "E2b-Sandbox-Port",
+            })
         }
         (None, Some(_)) => {
-            return Err(TargetError::IncompleteHeaders { present: "E2b-Sandbox-Port", missing: "E2b-Sandbox-Id" })
+            return Err(TargetError::IncompleteHeaders {
+                present: "E2b-Sandbox-Port",
+                missing: "E2b-Sandbox-Id",
+            })
         }
     };
 
@@ -79,7 +94,10 @@ fn from_headers(parts: &Parts) -> Result<Option<Target>, TargetError> {
     if !is_valid_sandbox_id(sandbox_id) {
         return Err(TargetError::InvalidIdHeader(id_text));
     }
-    Ok(Some(Target { sandbox_id: sandbox_id.to_owned(), port }))
+    Ok(Some(Target {
+        sandbox_id: sandbox_id.to_owned(),
+        port,
+    }))
 }
 
 /// Parses `<port>-<sandboxID>.<domain>[:<port>]`. The domain is not checked, so one proxy
@@ -97,7 +115,10 @@ fn parse_host(host: &str) -> Result<Target, TargetError> {
     if !is_valid_sandbox_id(sandbox_id) {
         return Err(invalid());
     }
-    Ok(Target { sandbox_id: sandbox_id.to_owned(), port })
+    Ok(Target {
+        sandbox_id: sandbox_id.to_owned(),
+        port,
+    })
 }
 
 fn strip_port_suffix(host: &str) -> &str {
@@ -117,7 +138,9 @@ fn parse_port(text: &str) -> Option<u16> {
 fn is_valid_sandbox_id(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= MAX_SANDBOX_ID_LEN
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -136,18 +159,23 @@ mod tests {
     }
 
     fn target(id: &str, port: u16) -> Target {
-        Target { sandbox_id: id.to_owned(), port }
+        Target {
+            sandbox_id: id.to_owned(),
+            port,
+        }
     }
 
     #[test]
     fn host_with_domain() {
-        let parsed = Target::from_request(&parts(Some("49983-abc123.e2b.example.com"), &[])).unwrap();
+        let parsed =
+            Target::from_request(&parts(Some("49983-abc123.e2b.example.com"), &[])).unwrap();
         assert_eq!(parsed, target("abc123", 49983));
     }
 
     #[test]
     fn host_with_port_suffix_and_uppercase() {
-        let parsed = Target::from_request(&parts(Some("8080-ABC-def.localhost:3000"), &[])).unwrap();
+        let parsed =
+            Target::from_request(&parts(Some("8080-ABC-def.localhost:3000"), &[])).unwrap();
         assert_eq!(parsed, target("abc-def", 8080));
     }
 
@@ -160,28 +188,53 @@ mod tests {
 
     #[test]
     fn http2_authority_used_without_host() {
-        let request = http::Request::builder().uri("http://3000-sbx2.example.org/x").body(()).unwrap();
+        let request = http::Request::builder()
+            .uri("http://3000-sbx2.example.org/x")
+            .body(())
+            .unwrap();
         let parsed = Target::from_request(&request.into_parts().0).unwrap();
         assert_eq!(parsed, target("sbx2", 3000));
     }
 
     #[test]
     fn bad_hosts_rejected() {
-        for host in ["localhost:3000", "abc.example.com", "0-abc.example.com", "70000-abc.example.com", "80-.example.com", "80-abc.", "80-a/b.example.com"] {
+        for host in [
+            "localhost:3000",
+            "abc.example.com",
+            "0-abc.example.com",
+            "70000-abc.example.com",
+            "80-.example.com",
+            "80-abc.",
+            "80-a/b.example.com",
+        ] {
             let error = Target::from_request(&parts(Some(host), &[])).unwrap_err();
-            assert_eq!(error, TargetError::InvalidHost(host.to_owned()), "host {host}");
+            assert_eq!(
+                error,
+                TargetError::InvalidHost(host.to_owned()),
+                "host {host}"
+            );
         }
     }
 
     #[test]
     fn missing_host_rejected() {
-        assert_eq!(Target::from_request(&parts(None, &[])).unwrap_err(), TargetError::MissingHost);
+        assert_eq!(
+            Target::from_request(&parts(None, &[])).unwrap_err(),
+            TargetError::MissingHost
+        );
     }
 
     #[test]
     fn incomplete_headers_rejected() {
-        let error = Target::from_request(&parts(Some("80-abc.example.com"), &[("E2b-Sandbox-Id", "abc")])).unwrap_err();
-        assert!(matches!(error, TargetError::IncompleteHeaders { .. }), "{error}");
+        let error = Target::from_request(&parts(
+            Some("80-abc.example.com"),
+            &[("E2b-Sandbox-Id", "abc")],
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(error, TargetError::IncompleteHeaders { .. }),
+            "{error}"
+        );
     }
 
     #[test]

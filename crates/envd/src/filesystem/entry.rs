@@ -17,8 +17,8 @@ use crate::users::{NameTable, User};
 /// Prefix of the extended attributes that carry user metadata of a file.
 pub const METADATA_XATTR_PREFIX: &str = "user.e2b.";
 
-/// Returns the entry of `path` without following a final symlink for the link itself;
-/// a symlink's type, size and mode are its target's, and `is_symlink` marks it.
+/// Returns the entry of `path`. For a symlink, the type, size and mode are those of its
+/// target, and `is_symlink` marks the link.
 pub fn entry_info(path: &Path, names: &NameTable) -> io::Result<EntryInfo> {
     let link_metadata = std::fs::symlink_metadata(path)?;
     let is_symlink = link_metadata.file_type().is_symlink();

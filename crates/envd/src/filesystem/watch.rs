@@ -38,7 +38,7 @@ pub enum WatchError {
     Register(#[source] std::io::Error),
 }
 
-/// What to watch.
+/// Directory and options of a watch.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
     pub root: PathBuf,
@@ -175,10 +175,9 @@ impl DirWatch {
                 }
                 let is_dir = raw.mask.contains(AddWatchFlags::IN_ISDIR);
                 let created = raw.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
-                if self.options.recursive && is_dir && created && raw.name.is_some() {
-                    if self.add_directory(&path).is_ok() {
-                        self.add_subdirectories(&path);
-                    }
+                let watch_new_directory = self.options.recursive && is_dir && created && raw.name.is_some();
+                if watch_new_directory && self.add_directory(&path).is_ok() {
+                    self.add_subdirectories(&path);
                 }
                 // Events of the watched directory itself are reported by its parent's
                 // watch in a recursive tree; the root's own removal is reported here.

@@ -46,7 +46,7 @@ struct Subscribers {
     end: Option<EndEvent>,
 }
 
-/// Why an input operation failed.
+/// Failure of an input operation.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
     #[error("process {pid} has no open stdin; start it with stdin enabled")]
@@ -78,7 +78,7 @@ impl ManagedProcess {
         receiver
     }
 
-    /// Writes input to the process. `pty` says which kind of input the client sent.
+    /// Writes input to the process. `pty` is true for PTY input and false for stdin.
     pub async fn write_input(&self, data: &[u8], pty: bool) -> Result<(), InputError> {
         let pid = self.pid;
         if pty && !self.is_pty {

@@ -32,7 +32,7 @@ pub enum SpawnError {
     },
 }
 
-/// What to run and how.
+/// Command, environment, user and standard streams of a process to start.
 pub struct SpawnRequest {
     pub cmd: String,
     pub args: Vec<String>,
@@ -52,7 +52,7 @@ pub struct SpawnedProcess {
     pub stdout: Arc<AsyncFdIo>,
     /// stderr pipe; `None` with a PTY, whose output arrives on `stdout`.
     pub stderr: Option<AsyncFdIo>,
-    /// Where input goes: the stdin pipe, or the PTY master.
+    /// Input sink: the stdin pipe, or the PTY master.
     pub stdin: Option<Arc<AsyncFdIo>>,
     pub is_pty: bool,
 }
@@ -141,7 +141,7 @@ pub fn spawn(request: SpawnRequest) -> Result<SpawnedProcess, SpawnError> {
     let gid = request.user.gid;
     let groups: Vec<libc::gid_t> = request.user.groups.clone();
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe system calls; it allocates nothing because `groups` was built
+    // async-signal-safe system calls. It allocates nothing, because `groups` was built
     // before the fork.
     unsafe {
         command.pre_exec(move || {

@@ -29,7 +29,12 @@ struct InterfaceRequest {
 /// Runs `ip` with `args`, panicking with its stderr on failure.
 pub fn ip(args: &[&str]) {
     let output = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(output.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// Runs `work` on a thread inside the network namespace `netns`.
@@ -49,19 +54,42 @@ pub fn in_netns<T: Send + 'static>(netns: &str, work: impl FnOnce() -> T + Send 
 
 /// Opens (creating if needed) the tap `name` in the calling thread's namespace.
 fn open_tap(name: &str) -> File {
-    let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").expect("open /dev/net/tun");
-    let mut request = InterfaceRequest { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI, _padding: [0; 22] };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .expect("open /dev/net/tun");
+    let mut request = InterfaceRequest {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI,
+        _padding: [0; 22],
+    };
     request.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: `request` is a properly laid out `struct ifreq` prefix that outlives the call,
     // and the kernel writes at most `sizeof(struct ifreq)` (40 bytes) into it.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut request as *mut InterfaceRequest) };
-    assert_eq!(rc, 0, "TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            TUNSETIFF,
+            &mut request as *mut InterfaceRequest,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
     file
 }
 
 /// Waits up to 100 ms for `file` to become readable.
 fn readable(file: &File) -> bool {
-    let mut poll = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut poll = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: `poll` points to one valid pollfd for the duration of the call.
     let rc = unsafe { libc::poll(&mut poll, 1, 100) };
     rc > 0 && poll.revents & libc::POLLIN != 0
@@ -104,21 +132,34 @@ impl TestGuest {
         let slot_tap = in_netns(&slot.netns, || open_tap(TAP_NAME));
         let stop = Arc::new(AtomicBool::new(false));
         let relays = vec![
-            spawn_copy(guest_tap.try_clone().unwrap(), slot_tap.try_clone().unwrap(), stop.clone()),
+            spawn_copy(
+                guest_tap.try_clone().unwrap(),
+                slot_tap.try_clone().unwrap(),
+                stop.clone(),
+            ),
             spawn_copy(slot_tap, guest_tap, stop.clone()),
         ];
-        TestGuest { netns: netns.to_owned(), stop, relays }
+        TestGuest {
+            netns: netns.to_owned(),
+            stop,
+            relays,
+        }
     }
 
     /// Starts a TCP server on the guest address at `port` that replies to each connection with
     /// `"<reply> <peer address>"` and closes it.
     pub fn serve(&self, port: u16, reply: &str) {
-        let listener = in_netns(&self.netns, move || TcpListener::bind((GUEST_IP, port)).expect("bind guest port"));
+        let listener = in_netns(&self.netns, move || {
+            TcpListener::bind((GUEST_IP, port)).expect("bind guest port")
+        });
         let reply = reply.to_owned();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
-                let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default();
                 let _ = stream.write_all(format!("{reply} {peer}").as_bytes());
             }
         });
@@ -126,7 +167,9 @@ impl TestGuest {
 
     /// Opens a TCP connection from inside the guest.
     pub fn connect(&self, address: SocketAddr) -> std::io::Result<TcpStream> {
-        in_netns(&self.netns, move || TcpStream::connect_timeout(&address, Duration::from_secs(2)))
+        in_netns(&self.netns, move || {
+            TcpStream::connect_timeout(&address, Duration::from_secs(2))
+        })
     }
 }
 
@@ -140,7 +183,9 @@ impl Drop for TestGuest {
         for relay in self.relays.drain(..) {
             let _ = relay.join();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
     }
 }
 
