@@ -11,6 +11,7 @@
 //! instance left behind.
 
 mod command;
+pub mod egress;
 pub mod instance;
 pub mod pool;
 mod setup;

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 
 pub use accel::{Accel, AccelChoice};
 pub use qemu::{QemuDriver, QemuVm};
-pub use sandbox::{restore_sandbox, SandboxRestoreError};
+pub use sandbox::{restore_sandbox, SandboxRestoreError, SnapshotTemplate};
 
 /// Guest disk image and its format.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -45,8 +45,8 @@ pub async fn run(_args: DoctorArgs) -> anyhow::Result<()> {
         },
     ];
 
-    let accel = hearth_vmm::qemu::probe_accel();
-    checks.push(Check { name: "accelerator", ok: true, detail: accel.to_string() });
+    let accel = hearth_vmm::accel::choose_accel();
+    checks.push(Check { name: "accelerator", ok: true, detail: format!("QEMU with {}: {}", accel.accel, accel.reason) });
 
     let mut failed = 0;
     for check in &checks {

@@ -1,0 +1,170 @@
+//! `hearth serve`: control plane, node agent and proxy in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hearth_control_plane::ControlPlaneConfig;
+use hearth_network::{InstanceId, SlotPool, SlotPoolConfig};
+use hearth_node_agent::{NodeAgent, NodeConfig};
+use hearth_proxy::{Proxy, ProxyConfig};
+use hearth_storage::DataDir;
+use hearth_vmm::QemuDriver;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::template::{ensure_base_template, EnvdArgs};
+use super::DataDirArgs;
+
+/// Arguments of `hearth serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    data: DataDirArgs,
+
+    #[command(flatten)]
+    envd: EnvdArgs,
+
+    /// Address of the REST API (E2B_API_URL).
+    #[arg(long, env = "HEARTH_API_LISTEN", default_value = "127.0.0.1:3000")]
+    api_listen: SocketAddr,
+
+    /// Address of the proxy to envd and sandbox ports (E2B_SANDBOX_URL).
+    #[arg(long, env = "HEARTH_PROXY_LISTEN", default_value = "127.0.0.1:3001")]
+    proxy_listen: SocketAddr,
+
+    /// Domain returned to the SDK, which then reaches sandboxes at
+    /// `https://<port>-<sandboxID>.<domain>` unless E2B_SANDBOX_URL is set. Leave unset
+    /// when clients use E2B_SANDBOX_URL.
+    #[arg(long, env = "HEARTH_DOMAIN")]
+    domain: Option<String>,
+
+    /// API key accepted besides the keys stored in the database: "e2b_" and 40 hex digits.
+    #[arg(long, env = "HEARTH_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+
+    /// Number of network slots kept prepared so that a create does not wait for one.
+    #[arg(long, env = "HEARTH_SLOT_POOL_SIZE", default_value_t = hearth_network::pool::DEFAULT_READY_TARGET)]
+    slot_pool_size: usize,
+
+    /// Seconds a restored sandbox's envd gets to answer before the create fails.
+    #[arg(long, default_value_t = 30)]
+    envd_ready_timeout_secs: u64,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "hearth serve must run as root: it creates network namespaces, taps and nftables rules"
+    );
+
+    std::fs::create_dir_all(&args.data.data_dir)
+        .with_context(|| format!("failed to create data dir {}", args.data.data_dir.display()))?;
+    let data_root = std::fs::canonicalize(&args.data.data_dir)
+        .with_context(|| format!("failed to resolve data dir {}", args.data.data_dir.display()))?;
+    let data_dir = DataDir::new(&data_root);
+
+    // Bind first, so an address in use fails the start before any slow work.
+    let api_listener = TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("failed to listen on {} for the API", args.api_listen))?;
+    let proxy_listener = TcpListener::bind(args.proxy_listen)
+        .await
+        .with_context(|| format!("failed to listen on {} for the proxy", args.proxy_listen))?;
+
+    let driver = Arc::new(QemuDriver::from_env());
+    let accel = driver.accel().clone();
+    let instance = InstanceId::from_data_dir(&data_root).context("failed to derive the instance ID")?;
+    let mut pool_config = SlotPoolConfig::new(instance.clone());
+    pool_config.ready_target = args.slot_pool_size;
+    let slots = SlotPool::start(pool_config).await.context("failed to start the network slot pool")?;
+    tracing::info!(
+        vmm = "qemu",
+        accel = %accel.accel,
+        accel_reason = %accel.reason,
+        api = %args.api_listen,
+        proxy = %args.proxy_listen,
+        data_dir = %data_root.display(),
+        instance = %instance.as_str(),
+        slot_subnet = %slots.subnet(),
+        slot_pool_size = args.slot_pool_size,
+        "hearth serve starting"
+    );
+
+    let mut cp_config = ControlPlaneConfig::new(&data_root);
+    cp_config.domain = args.domain.clone();
+    cp_config.api_keys_from_env = args.api_key.iter().cloned().collect();
+
+    let node = Arc::new(NodeAgent::new(
+        NodeConfig { data_dir: data_dir.clone(), envd_ready_timeout: Duration::from_secs(args.envd_ready_timeout_secs) },
+        driver.clone() as Arc<dyn hearth_vmm::VmmDriver>,
+        slots,
+    ));
+
+    let served = serve_until_signal(&args, &data_dir, cp_config, node.clone(), driver, api_listener, proxy_listener).await;
+
+    // The slots must go whatever happened above, or the namespaces outlive the server.
+    let shutdown = node.shutdown().await;
+    served?;
+    shutdown.context("failed to remove the network slots")?;
+    tracing::info!("hearth serve stopped");
+    Ok(())
+}
+
+async fn serve_until_signal(
+    args: &ServeArgs,
+    data_dir: &DataDir,
+    cp_config: ControlPlaneConfig,
+    node: Arc<NodeAgent>,
+    driver: Arc<QemuDriver>,
+    api_listener: TcpListener,
+    proxy_listener: TcpListener,
+) -> anyhow::Result<()> {
+    let (router, control_plane) = hearth_control_plane::build(cp_config, node.clone())
+        .await
+        .context("failed to start the control plane")?;
+
+    ensure_base_template(data_dir, control_plane.store(), node.slots(), driver.as_ref(), &args.envd)
+        .await
+        .context("failed to prepare the base template")?;
+
+    let reaper = control_plane.spawn_reaper();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let proxy = Arc::new(Proxy::new(node.clone(), ProxyConfig::default()));
+    let proxy_task = tokio::spawn(proxy.serve(proxy_listener, wait_for(stop_rx.clone())));
+    let api_task = tokio::spawn(async move {
+        axum::serve(api_listener, router).with_graceful_shutdown(wait_for(stop_rx)).await
+    });
+    tracing::info!(api = %args.api_listen, proxy = %args.proxy_listen, "hearth serve ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: stopping sandboxes and removing network slots");
+    if let Err(err) = control_plane.shutdown().await {
+        tracing::error!(error = %err, "control plane shutdown failed");
+    }
+    reaper.abort();
+    let _ = stop_tx.send(true);
+    if let Ok(Err(err)) = api_task.await {
+        tracing::error!(error = %err, "API server failed");
+    }
+    if let Ok(Err(err)) = proxy_task.await {
+        tracing::error!(error = %err, "proxy failed");
+    }
+    Ok(())
+}
+
+async fn wait_for(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler does not fail");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,562 @@
+//! QEMU driver: one `qemu-system-x86_64 -M microvm` process per VM, controlled over QMP.
+//!
+//! Launch, step by step:
+//! 1. Hearth binds and listens on the QMP socket itself and hands the listening descriptor
+//!    to QEMU (`-chardev socket,fd=N,server=on`), so it can connect at once instead of
+//!    polling for the socket file to appear.
+//! 2. The child enters the slot's network namespace with `setns` between fork and exec, so
+//!    QEMU opens the namespace's tap device; no `ip netns exec` process is involved.
+//! 3. Guest RAM is a `memory-backend-file`. A booted VM maps it shared, so the file is the
+//!    snapshot's memory once the VM is paused and killed. The migration capability
+//!    `x-ignore-shared` keeps that RAM out of the device state stream. A restore maps the same file
+//!    private (copy-on-write) and reads the device state from a descriptor Hearth opened
+//!    (`migrate-incoming fd:N`), which again spawns no helper process.
+//!
+//! Files in the run directory: `qmp.sock`, `console.log` (guest serial console) and
+//! `vmm.log` (QEMU's own output).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use hearth_types::guest::{GUEST_MAC, TAP_NAME};
+use serde_json::json;
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::accel::{choose_accel, Accel, AccelChoice};
+use crate::qmp::{QmpClient, QmpError};
+use crate::{BootSpec, DiskFormat, DiskSpec, MachineSize, RestoreSpec, Vm, VmPlacement, VmmDriver, VmmError};
+
+/// Default QEMU binary, looked up in `PATH`.
+pub const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// Time QEMU gets from spawn to its QMP greeting.
+const QMP_GREETING_TIMEOUT: Duration = Duration::from_secs(15);
+/// Time a restore gets to load the device state.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a snapshot gets to write the device state.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bytes of `vmm.log` quoted in errors.
+const LOG_TAIL_BYTES: u64 = 2048;
+
+/// File names in the run directory.
+const QMP_SOCKET: &str = "qmp.sock";
+const CONSOLE_LOG: &str = "console.log";
+const VMM_LOG: &str = "vmm.log";
+
+/// Drives QEMU microVMs.
+#[derive(Clone, Debug)]
+pub struct QemuDriver {
+    binary: PathBuf,
+    accel: AccelChoice,
+}
+
+impl QemuDriver {
+    /// Creates a driver that runs `qemu-system-x86_64` with the accelerator chosen by
+    /// [`choose_accel`], and logs that choice.
+    pub fn from_env() -> Self {
+        let accel = choose_accel();
+        tracing::info!(accel = %accel.accel, reason = %accel.reason, "chose QEMU accelerator");
+        Self::new(DEFAULT_QEMU_BINARY, accel)
+    }
+
+    /// Creates a driver with an explicit binary and accelerator.
+    pub fn new(binary: impl Into<PathBuf>, accel: AccelChoice) -> Self {
+        Self { binary: binary.into(), accel }
+    }
+
+    /// Returns the accelerator this driver uses and the reason for the choice.
+    pub fn accel(&self) -> &AccelChoice {
+        &self.accel
+    }
+
+    /// Boots a guest; see [`VmmDriver::boot`].
+    pub async fn boot_vm(&self, spec: &BootSpec) -> Result<QemuVm, VmmError> {
+        let mut args = self.machine_args(spec.machine, &spec.memory_file, true);
+        args.extend(device_args(&spec.disk, &spec.placement));
+        args.extend(["-kernel".into(), path_arg(&spec.kernel)]);
+        if let Some(initrd) = &spec.initrd {
+            args.extend(["-initrd".into(), path_arg(initrd)]);
+        }
+        args.extend(["-append".into(), spec.cmdline.clone()]);
+
+        let mut vm = self.launch(args, &spec.placement, None).await?;
+        vm.qmp(|qmp| Box::pin(qmp.execute("migrate-set-capabilities", Some(capabilities()))))
+            .await?;
+        tracing::info!(pid = vm.pid, run_dir = %spec.placement.run_dir.display(), "VM booted");
+        Ok(vm)
+    }
+
+    /// Restores a snapshot; see [`VmmDriver::restore`].
+    pub async fn restore_vm(&self, spec: &RestoreSpec) -> Result<QemuVm, VmmError> {
+        let started = Instant::now();
+        let vmstate = File::open(&spec.vmstate).map_err(|source| VmmError::Prepare {
+            what: "snapshot device state",
+            path: spec.vmstate.clone(),
+            source,
+        })?;
+        let vmstate_fd = vmstate.as_raw_fd();
+
+        let mut args = self.machine_args(spec.machine, &spec.memory_file, false);
+        args.extend(device_args(&spec.disk, &spec.placement));
+        args.extend(["-incoming".into(), "defer".into()]);
+
+        let mut vm = self.launch(args, &spec.placement, Some(vmstate_fd)).await?;
+        // QEMU keeps its own copy of the descriptor from here on.
+        drop(vmstate);
+
+        let result = tokio::time::timeout(RESTORE_TIMEOUT, vm.load_incoming(vmstate_fd)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                let _ = vm.stop().await;
+                return Err(err);
+            }
+            Err(_) => {
+                let pid = vm.pid;
+                let _ = vm.stop().await;
+                return Err(VmmError::Timeout {
+                    pid,
+                    what: "restore",
+                    timeout_ms: RESTORE_TIMEOUT.as_millis() as u64,
+                });
+            }
+        }
+        tracing::info!(
+            pid = vm.pid,
+            run_dir = %spec.placement.run_dir.display(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "VM restored"
+        );
+        Ok(vm)
+    }
+
+    /// Options for the machine, accelerator, CPUs and file-backed RAM.
+    fn machine_args(&self, machine: MachineSize, memory_file: &Path, shared: bool) -> Vec<String> {
+        let cpu = match self.accel.accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        };
+        let share = if shared { "on" } else { "off" };
+        vec![
+            "-M".into(),
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem".into(),
+            "-accel".into(),
+            self.accel.accel.qemu_name().into(),
+            "-cpu".into(),
+            cpu.into(),
+            "-smp".into(),
+            machine.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", machine.memory_mib),
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={share}",
+                machine.memory_mib,
+                escape_opt(&memory_file.to_string_lossy())
+            ),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            // A guest reset (the kernel's panic=1, or a failed init) ends the process.
+            "-no-reboot".into(),
+            "-display".into(),
+            "none".into(),
+        ]
+    }
+
+    /// Spawns QEMU with the QMP listener (and `extra_fd`, if any) inherited, connects to
+    /// QMP and completes the handshake.
+    async fn launch(
+        &self,
+        mut args: Vec<String>,
+        placement: &VmPlacement,
+        extra_fd: Option<RawFd>,
+    ) -> Result<QemuVm, VmmError> {
+        let run_dir = &placement.run_dir;
+        let socket_path = run_dir.join(QMP_SOCKET);
+        let prepare = |what, path: &Path| {
+            let path = path.to_owned();
+            move |source| VmmError::Prepare { what, path, source }
+        };
+
+        remove_if_exists(&socket_path).map_err(prepare("QMP socket", &socket_path))?;
+        let listener = UnixListener::bind(&socket_path).map_err(prepare("QMP socket", &socket_path))?;
+        let listen_fd = listener.as_raw_fd();
+        let log_path = run_dir.join(VMM_LOG);
+        let log = File::create(&log_path).map_err(prepare("VMM log", &log_path))?;
+        let log_err = log.try_clone().map_err(prepare("VMM log", &log_path))?;
+        let netns = match &placement.netns {
+            Some(name) => {
+                let path = Path::new("/run/netns").join(name);
+                Some(File::open(&path).map_err(prepare("network namespace", &path))?)
+            }
+            None => None,
+        };
+
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=qmp,fd={listen_fd},server=on,wait=off"),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+            "-chardev".into(),
+            format!("file,id=console,path={}", escape_opt(&run_dir.join(CONSOLE_LOG).to_string_lossy())),
+            "-serial".into(),
+            "chardev:console".into(),
+        ]);
+
+        let mut command = Command::new(&self.binary);
+        command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(true);
+        let netns_fd = netns.as_ref().map(|file| file.as_raw_fd());
+        let inherited = [Some(listen_fd), extra_fd];
+        // SAFETY: the closure runs in the forked child before exec. It allocates nothing and
+        // calls only async-signal-safe system calls (fcntl, setns), on descriptors that stay
+        // open in the parent until spawn returns.
+        unsafe {
+            command.pre_exec(move || {
+                for fd in inherited.into_iter().flatten() {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(fd) = netns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+
+        tracing::debug!(binary = %self.binary.display(), ?args, "starting QEMU");
+        let child = command.spawn().map_err(|source| VmmError::Spawn {
+            program: self.binary.display().to_string(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let stream = UnixStream::connect(&socket_path).await;
+        drop(listener);
+        drop(netns);
+
+        let mut vm = QemuVm {
+            pid,
+            child: Some(child),
+            qmp: None,
+            run_dir: run_dir.clone(),
+        };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(source) => {
+                let _ = vm.stop().await;
+                return Err(VmmError::Prepare { what: "QMP connection", path: socket_path, source });
+            }
+        };
+        match tokio::time::timeout(QMP_GREETING_TIMEOUT, QmpClient::handshake(stream)).await {
+            Ok(Ok(qmp)) => vm.qmp = Some(qmp),
+            Ok(Err(err)) => return Err(vm.fail(err).await),
+            Err(_) => {
+                let _ = vm.stop().await;
+                return Err(VmmError::Timeout {
+                    pid,
+                    what: "QMP greeting",
+                    timeout_ms: QMP_GREETING_TIMEOUT.as_millis() as u64,
+                });
+            }
+        }
+        Ok(vm)
+    }
+}
+
+#[async_trait]
+impl VmmDriver for QemuDriver {
+    async fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(self.boot_vm(spec).await?))
+    }
+
+    async fn restore(&self, spec: &RestoreSpec) -> Result<Box<dyn Vm>, VmmError> {
+        Ok(Box::new(self.restore_vm(spec).await?))
+    }
+}
+
+/// A QEMU process running one guest. Dropping it without [`Vm::stop`] kills the process
+/// but leaves the QMP socket file.
+pub struct QemuVm {
+    pid: u32,
+    child: Option<Child>,
+    qmp: Option<QmpClient>,
+    run_dir: PathBuf,
+}
+
+impl QemuVm {
+    /// Path of the guest's serial console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join(CONSOLE_LOG)
+    }
+
+    /// Path of QEMU's own log (its stdout and stderr).
+    pub fn vmm_log(&self) -> PathBuf {
+        self.run_dir.join(VMM_LOG)
+    }
+
+    /// Returns whether the QEMU process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Runs one QMP exchange, turning a failure into a [`VmmError`] with QEMU's log.
+    async fn qmp<'a, T>(
+        &'a mut self,
+        exchange: impl FnOnce(
+            &'a mut QmpClient,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, QmpError>> + Send + 'a>>,
+    ) -> Result<T, VmmError> {
+        let pid = self.pid;
+        let Some(qmp) = self.qmp.as_mut() else {
+            return Err(VmmError::Qmp { pid, source: QmpError::Closed });
+        };
+        match exchange(qmp).await {
+            Ok(value) => Ok(value),
+            Err(err) => Err(VmmError::Qmp { pid, source: err }),
+        }
+    }
+
+    /// Loads the device state from the inherited descriptor and resumes the guest.
+    async fn load_incoming(&mut self, vmstate_fd: RawFd) -> Result<(), VmmError> {
+        let Some(qmp) = self.qmp.as_mut() else {
+            return Err(VmmError::Qmp { pid: self.pid, source: QmpError::Closed });
+        };
+        let result = async {
+            qmp.execute("migrate-set-capabilities", Some(capabilities())).await?;
+            qmp.execute("migrate-incoming", Some(json!({ "uri": format!("fd:{vmstate_fd}") })))
+                .await?;
+            qmp.wait_migration_end().await
+        }
+        .await;
+        let status = match result {
+            Ok(status) => status,
+            Err(err) => return Err(self.fail(err).await),
+        };
+        if status != "completed" {
+            let message = format!("loading the snapshot ended with migration status {status}");
+            return Err(self.fail_with(message).await);
+        }
+
+        // The template was paused before it was saved, so the restored guest starts paused.
+        let qmp = self.qmp.as_mut().expect("checked above");
+        let resumed = async {
+            if qmp.run_state().await? != "running" {
+                qmp.execute("cont", None).await?;
+            }
+            qmp.run_state().await
+        }
+        .await;
+        match resumed {
+            Ok(state) if state == "running" => Ok(()),
+            Ok(state) => Err(self.fail_with(format!("guest is {state} after cont")).await),
+            Err(err) => Err(self.fail(err).await),
+        }
+    }
+
+    /// Builds the error for a QMP failure, stopping the VM and quoting its log.
+    async fn fail(&mut self, err: QmpError) -> VmmError {
+        self.fail_with(err.to_string()).await
+    }
+
+    async fn fail_with(&mut self, message: String) -> VmmError {
+        let _ = self.stop().await;
+        VmmError::Vmm { pid: self.pid, message, log_tail: read_tail(&self.vmm_log()) }
+    }
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn snapshot(&mut self, vmstate: &Path) -> Result<(), VmmError> {
+        let started = Instant::now();
+        let pid = self.pid;
+        let uri = format!("exec:cat > {}", shell_quote(&vmstate.to_string_lossy()));
+        let Some(qmp) = self.qmp.as_mut() else {
+            return Err(VmmError::Qmp { pid, source: QmpError::Closed });
+        };
+        let result = tokio::time::timeout(SNAPSHOT_TIMEOUT, async {
+            qmp.execute("stop", None).await?;
+            qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+            qmp.wait_migration_end().await
+        })
+        .await;
+        let status = match result {
+            Ok(Ok(status)) => status,
+            Ok(Err(source)) => return Err(VmmError::Qmp { pid, source }),
+            Err(_) => {
+                return Err(VmmError::Timeout {
+                    pid,
+                    what: "snapshot",
+                    timeout_ms: SNAPSHOT_TIMEOUT.as_millis() as u64,
+                })
+            }
+        };
+        if status != "completed" {
+            return Err(VmmError::Vmm {
+                pid,
+                message: format!("writing snapshot {} ended with status {status}", vmstate.display()),
+                log_tail: read_tail(&self.vmm_log()),
+            });
+        }
+        tracing::info!(
+            pid,
+            vmstate = %vmstate.display(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "VM snapshot written"
+        );
+        Ok(())
+    }
+
+    async fn stop(&mut self) -> Result<(), VmmError> {
+        self.qmp = None;
+        if let Some(mut child) = self.child.take() {
+            // start_kill sends SIGKILL to this child's PID; wait reaps it, so no zombie remains.
+            if let Err(source) = child.start_kill() {
+                if source.kind() != std::io::ErrorKind::InvalidInput {
+                    self.child = Some(child);
+                    return Err(VmmError::Stop { pid: self.pid, source });
+                }
+            }
+            if let Err(source) = child.wait().await {
+                return Err(VmmError::Stop { pid: self.pid, source });
+            }
+            tracing::info!(pid = self.pid, run_dir = %self.run_dir.display(), "VM stopped");
+        }
+        let _ = remove_if_exists(&self.run_dir.join(QMP_SOCKET));
+        Ok(())
+    }
+}
+
+impl QmpClient {
+    /// Polls `query-migrate` until the migration leaves its running states, and returns the
+    /// final status. A failure's description from QEMU is logged.
+    async fn wait_migration_end(&mut self) -> Result<String, QmpError> {
+        loop {
+            let (status, error) = self.migration_status().await?;
+            match status.as_str() {
+                "setup" | "active" | "device" | "pre-switchover" | "none" => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                _ => {
+                    if let Some(error) = error {
+                        tracing::warn!(status, error, "migration failed");
+                    }
+                    return Ok(status);
+                }
+            }
+        }
+    }
+}
+
+/// Capabilities set on every VM: RAM in a shared file stays out of the migration stream.
+fn capabilities() -> serde_json::Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
+/// Disk and network devices, in a fixed order: boot and restore must create the same
+/// virtio-mmio devices in the same slots.
+fn device_args(disk: &DiskSpec, placement: &VmPlacement) -> Vec<String> {
+    let driver = match disk.format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
+    let mut args = vec![
+        "-blockdev".into(),
+        format!(
+            "driver={driver},node-name=root,file.driver=file,file.filename={}",
+            escape_opt(&disk.path.to_string_lossy())
+        ),
+        "-device".into(),
+        "virtio-blk-device,drive=root".into(),
+    ];
+    if placement.netns.is_some() {
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=net0,ifname={TAP_NAME},script=no,downscript=no"),
+            "-device".into(),
+            format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"),
+        ]);
+    }
+    args
+}
+
+/// Escapes a value for QEMU's `key=value,...` option syntax, where a comma is doubled.
+fn escape_opt(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path_arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// Quotes a string for `/bin/sh` with single quotes.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+fn remove_if_exists(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
+/// Returns the last bytes of a log file, or a note saying why it cannot be read.
+fn read_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = File::open(path) else {
+        return format!("({} cannot be read)", path.display());
+    };
+    let len = file.metadata().map(|meta| meta.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
+    let mut tail = Vec::new();
+    let _ = file.read_to_end(&mut tail);
+    String::from_utf8_lossy(&tail).trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_opt_doubles_commas() {
+        assert_eq!(escape_opt("/a,b/c"), "/a,,b/c");
+    }
+
+    #[test]
+    fn shell_quote_escapes_single_quotes() {
+        assert_eq!(shell_quote("/a'b"), r"'/a'\''b'");
+    }
+
+    #[test]
+    fn device_args_put_disk_before_network() {
+        let disk = DiskSpec { path: "/d.qcow2".into(), format: DiskFormat::Qcow2 };
+        let placement = VmPlacement { netns: Some("ns".into()), run_dir: "/run".into() };
+
+        let args = device_args(&disk, &placement);
+
+        let blk = args.iter().position(|arg| arg.starts_with("virtio-blk")).unwrap();
+        let net = args.iter().position(|arg| arg.starts_with("virtio-net")).unwrap();
+        assert!(blk < net);
+        assert!(args.contains(&"driver=qcow2,node-name=root,file.driver=file,file.filename=/d.qcow2".to_owned()));
+    }
+}

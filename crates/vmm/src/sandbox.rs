@@ -1,0 +1,80 @@
+//! Starting a sandbox from a template build: a fresh copy-on-write disk and a restore of the
+//! build's snapshot in the sandbox's network slot.
+
+use std::path::{Path, PathBuf};
+
+use hearth_network::Slot;
+use hearth_storage::{create_overlay, ManifestError, Qcow2Error, TemplateBuildPaths, TemplateManifest};
+
+use crate::{DiskFormat, DiskSpec, MachineSize, QemuDriver, QemuVm, RestoreSpec, VmPlacement, VmmError};
+
+/// Errors starting a sandbox from a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxRestoreError {
+    #[error("template build {0} is not ready: its manifest is missing")]
+    NotReady(PathBuf),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("failed to create sandbox run directory {path}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Disk(#[from] Qcow2Error),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+}
+
+/// A ready template build, loaded once and restored many times.
+#[derive(Clone, Debug)]
+pub struct SnapshotTemplate {
+    /// Paths of the build's artifacts.
+    pub paths: TemplateBuildPaths,
+    /// The build's manifest.
+    pub manifest: TemplateManifest,
+}
+
+impl SnapshotTemplate {
+    /// Loads the manifest of the build in `dir` and checks the artifacts' sizes.
+    pub fn load(dir: &Path) -> Result<Self, SandboxRestoreError> {
+        let paths = TemplateBuildPaths::new(dir);
+        if !paths.is_ready() {
+            return Err(SandboxRestoreError::NotReady(dir.to_owned()));
+        }
+        let manifest = TemplateManifest::load(&paths.manifest())?;
+        manifest.verify_sizes(dir)?;
+        Ok(Self { paths, manifest })
+    }
+}
+
+/// Restores `template`'s snapshot into a new sandbox whose files go to `run_dir` (created
+/// if missing), attached to `slot`'s tap device, and returns the running VM.
+///
+/// The sandbox's disk is `run_dir/disk.qcow2`, a new overlay over the template's root
+/// filesystem. The guest's clock still shows the snapshot time when this returns.
+pub async fn restore_sandbox(
+    driver: &QemuDriver,
+    template: &SnapshotTemplate,
+    run_dir: &Path,
+    slot: &Slot,
+) -> Result<QemuVm, SandboxRestoreError> {
+    std::fs::create_dir_all(run_dir)
+        .map_err(|source| SandboxRestoreError::RunDir { path: run_dir.to_owned(), source })?;
+
+    let disk = run_dir.join("disk.qcow2");
+    create_overlay(&disk, &template.paths.rootfs(), template.manifest.disk_size_bytes)?;
+
+    let spec = RestoreSpec {
+        machine: MachineSize {
+            vcpus: template.manifest.vcpus,
+            memory_mib: template.manifest.memory_mib,
+        },
+        memory_file: template.paths.memory(),
+        vmstate: template.paths.vmstate(),
+        disk: DiskSpec { path: disk, format: DiskFormat::Qcow2 },
+        placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: run_dir.to_owned() },
+    };
+    Ok(driver.restore_vm(&spec).await?)
+}
