@@ -56,13 +56,13 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Turns the client's request head into the backend's: HTTP/1.1 to `upstream`, the
+/// Turns the client's request head into the backend's: HTTP/1.1 to `authority`, the
 /// original Host kept (taken from the authority for HTTP/2 clients), hop-by-hop headers
 /// and the traffic access token removed, and the client address appended to
 /// `X-Forwarded-For`.
 pub(crate) fn prepare_request(
     parts: &mut Parts,
-    upstream: SocketAddr,
+    authority: &str,
     client: SocketAddr,
     upgrade: bool,
 ) {
@@ -97,10 +97,10 @@ pub(crate) fn prepare_request(
         .unwrap_or("/");
     parts.uri = Uri::builder()
         .scheme("http")
-        .authority(upstream.to_string())
+        .authority(authority)
         .path_and_query(path)
         .build()
-        .expect("an IP address, a port and a path parsed from a URI form a valid URI");
+        .expect("a sandbox ID or address, a port and a path parsed from a URI form a valid URI");
     parts.version = Version::HTTP_11;
 }
 
@@ -159,11 +159,11 @@ mod tests {
         let (mut parts, ()) = request.into_parts();
         prepare_request(
             &mut parts,
-            "10.0.0.2:8080".parse().unwrap(),
+            "sbx:8080",
             "127.0.0.1:5000".parse().unwrap(),
             false,
         );
-        assert_eq!(parts.uri, "http://10.0.0.2:8080/a/b?c=d");
+        assert_eq!(parts.uri, "http://sbx:8080/a/b?c=d");
         assert_eq!(parts.version, Version::HTTP_11);
         assert_eq!(
             parts.headers.get(header::HOST).unwrap(),

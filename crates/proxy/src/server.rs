@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use hearth_types::guest::ENVD_PORT;
 
 use crate::error::ProxyError;
+use crate::resolve::SandboxResolver;
 use crate::forward::{prepare_request, root_cause, strip_hop_by_hop, wants_upgrade};
 use crate::route::{Route, RouteTable};
 use crate::target::{Target, TRAFFIC_ACCESS_TOKEN_HEADER};
@@ -59,14 +60,14 @@ impl Default for ProxyConfig {
 /// The edge proxy. Share it with `Arc` and run [`Proxy::serve`] on a listener.
 pub struct Proxy {
     routes: Arc<dyn RouteTable>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector<SandboxResolver>, Incoming>,
     config: ProxyConfig,
 }
 
 impl Proxy {
     /// Creates a proxy that finds sandboxes through `routes`.
     pub fn new(routes: Arc<dyn RouteTable>, config: ProxyConfig) -> Proxy {
-        let mut connector = HttpConnector::new();
+        let mut connector = HttpConnector::new_with_resolver(SandboxResolver::new(routes.clone()));
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.connect_timeout));
         let client = Client::builder(TokioExecutor::new())
@@ -176,7 +177,9 @@ impl Proxy {
         check_traffic_token(&route, &target, &parts.headers)?;
 
         let upstream = SocketAddr::from((route.address, target.port));
-        prepare_request(&mut parts, upstream, client, upgrade);
+        // Sandbox IDs are DNS labels ([a-z0-9]), so they form a valid authority.
+        let authority = format!("{}:{}", target.sandbox_id, target.port);
+        prepare_request(&mut parts, &authority, client, upgrade);
         let request = Request::from_parts(parts, body);
 
         let mut response = match client_upgrade {

@@ -216,13 +216,17 @@ async fn vm_cold_boot_of_base_template_answers_health() {
         memory_file: run_dir.path().join("memory"),
         kernel: template.paths.kernel(),
         initrd: Some(template.paths.initrd()),
-        cmdline: template.manifest.kernel_cmdline.clone(),
+        // Kernel messages on the console make a failed boot diagnosable.
+        cmdline: template.manifest.kernel_cmdline.replace(" quiet", ""),
         disk: DiskSpec { path: disk, format: DiskFormat::Qcow2 },
         placement: VmPlacement { netns: Some(slot.slot.netns.clone()), run_dir: run_dir.path().to_owned() },
     };
 
     let mut vm = QemuDriver::from_env().boot_vm(&spec).await.unwrap();
-    let waited = wait_for_health(&slot.slot, Duration::from_secs(180)).await;
+    let console = run_dir.path().join("console.log");
+    let waited = tokio::time::timeout(Duration::from_secs(90), wait_for_health(&slot.slot, Duration::from_secs(90)))
+        .await
+        .unwrap_or_else(|_| panic!("cold boot timed out; console: {}", std::fs::read_to_string(&console).unwrap_or_default()));
     eprintln!("MEASURED: cold boot launch to envd health {:.2} s", waited.as_secs_f64());
     let pid = vm.pid();
     vm.stop().await.unwrap();
