@@ -12,9 +12,11 @@ What it measures, each over many samples and reported as p50/p90/p99/mean:
   timed from the create request to the first stdout chunk. A local
   `subprocess.run(["echo", "hi"])` is the floor.
 - Hearth's share of create latency: the create is sent with httpx so that the
-  response's `Server-Timing` header can be read (`total`, `vmm_restore`,
-  `envd_ready`, `hearth`, in milliseconds); the sandbox is then attached with
-  `Sandbox.connect` for its command.
+  response's `Server-Timing` header can be read (`slot`, `disk`, `vmm_restore`,
+  `envd_init`, `total`, in milliseconds); the sandbox is then attached with
+  `Sandbox.connect` for its command. Hearth's share is `total - vmm_restore`;
+  its host-side part also leaves out `envd_init`, the time the restored guest
+  takes to answer envd's first request.
 - `commands.run("true")` round trip, against `true` and `bash -l -c true`
   timed inside the guest (envd starts every command as `/bin/bash -l -c CMD`,
   so the login shell is part of what a run costs), and a local
@@ -270,8 +272,12 @@ class Bench:
         client_metric = self.metric("create HTTP request (client-side)", "ms", f"POST {self.args.create_path}")
         components = {
             name: self.metric(f"Server-Timing {name}", "ms")
-            for name in ("total", "vmm_restore", "envd_ready", "hearth")
+            for name in ("slot", "disk", "vmm_restore", "envd_init", "total")
         }
+        share = self.metric("Hearth share (total - vmm_restore)", "ms", "the target's definition")
+        host_side = self.metric(
+            "Hearth host-side work (total - vmm_restore - envd_init)", "ms", "slot, disk, API, database"
+        )
 
         for index in range(self.args.sandboxes):
             start = time.perf_counter()
@@ -298,6 +304,10 @@ class Bench:
             for name, metric in components.items():
                 if name in timings:
                     metric.samples.append(timings[name])
+            if "total" in timings and "vmm_restore" in timings:
+                share.samples.append(timings["total"] - timings["vmm_restore"])
+                if "envd_init" in timings:
+                    host_side.samples.append(timings["total"] - timings["vmm_restore"] - timings["envd_init"])
 
             sbx = Sandbox.connect(sandbox_id, request_timeout=REQUEST_TIMEOUT)
             result = sbx.commands.run("echo hi", timeout=CMD_TIMEOUT)
@@ -406,7 +416,8 @@ class Bench:
         def check(value: float, ok: Callable[[float], bool]) -> Optional[bool]:
             return None if math.isnan(value) else ok(value)
 
-        hearth = p50("Server-Timing hearth")
+        hearth = p50("Hearth share (total - vmm_restore)")
+        host_side = p50("Hearth host-side work (total - vmm_restore - envd_init)")
         overhead_bash = p50("commands.run('true') round trip") - p50(
             "in-guest subprocess.run(['bash','-l','-c','true'])"
         )
@@ -419,6 +430,11 @@ class Bench:
         sdk_ratio = p50("download via envd, SDK files.read(stream)") / baseline
         return [
             Target("Hearth share of create p50 <= 5 ms", f"{hearth:.2f} ms", check(hearth, lambda v: v <= 5)),
+            Target(
+                "Hearth host-side share of create p50 <= 5 ms (guest's envd_init left out)",
+                f"{host_side:.2f} ms",
+                check(host_side, lambda v: v <= 5),
+            ),
             Target(
                 "run('true') p50 <= 1 ms above in-guest `bash -l -c true` p50",
                 f"{overhead_bash:+.2f} ms (above plain `true`: {overhead_true:+.2f} ms)",

@@ -464,11 +464,29 @@ async fn read_single_envelope<Req: RpcMessage>(
     body: Body,
 ) -> Result<Req, RpcError> {
     let mut reader = EnvelopeReader::new(body, compression);
-    match reader.next_message().await? {
-        Some(payload) => codec.decode(&payload),
-        None => Err(RpcError::invalid_argument("the request stream has no message")),
+    let message = match reader.next_message().await? {
+        Some(payload) => codec.decode(&payload)?,
+        None => return Err(RpcError::invalid_argument("the request stream has no message")),
+    };
+
+    // Read the body to its end before answering. hyper keeps an HTTP/1.1 connection open
+    // only when the request body was read completely; otherwise it closes the connection
+    // after the response, racing a client that already reused it for its next request.
+    match tokio::time::timeout(REQUEST_END_TIMEOUT, reader.next_message()).await {
+        Ok(Ok(None)) => Ok(message),
+        Ok(Ok(Some(_))) => Err(RpcError::invalid_argument(
+            "a server-streaming call takes exactly one request message",
+        )),
+        Ok(Err(err)) => Err(err),
+        Err(_) => Err(RpcError::invalid_argument(format!(
+            "the request body did not end within {REQUEST_END_TIMEOUT:?} after its message"
+        ))),
     }
 }
+
+/// Time a client gets to end the request body of a server-streaming call after sending
+/// its one message. Clients send the whole body at once, so this is only a safeguard.
+const REQUEST_END_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves a server-streaming call.
 pub async fn server_stream<Req, Res, F, Fut>(request: Request, handler: F) -> Response

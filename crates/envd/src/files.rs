@@ -26,7 +26,7 @@ use crate::users::User;
 const METADATA_HEADER_PREFIX: &str = "x-metadata-";
 
 /// Chunk size of downloads.
-const DOWNLOAD_CHUNK_BYTES: usize = 64 * 1024;
+const DOWNLOAD_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Query parameters of `/files`.
 #[derive(Debug, Deserialize)]

@@ -156,30 +156,31 @@ impl NodeAgent {
             .map_err(|err| RuntimeError::Failed(format!("failed to restore the template snapshot: {err}")))?;
         mark = timings.record("vmm_restore", mark);
 
-        if let Err(err) = self.init_guest(spec, slot).await {
+        if let Err(err) = self.init_guest(spec, slot, timings, mark).await {
             if let Err(stop_err) = vm.stop().await {
                 tracing::error!(sandbox_id = %spec.sandbox_id, error = %stop_err, "failed to stop the VM of a failed start");
             }
             return Err(err);
         }
-        timings.record("envd_init", mark);
         Ok(vm)
     }
 
-    /// Waits for envd, applies the egress rule and sends `/init`.
-    async fn init_guest(&self, spec: &SandboxSpec, slot: &Slot) -> Result<(), RuntimeError> {
-        let address = slot.guest_route_ip;
-        self.envd
-            .wait_healthy(address, self.config.envd_ready_timeout)
-            .await
-            .map_err(|err| RuntimeError::Failed(err.to_string()))?;
-
+    /// Applies the egress rule and initialises envd once it accepts connections.
+    async fn init_guest(
+        &self,
+        spec: &SandboxSpec,
+        slot: &Slot,
+        timings: &mut StartTimings,
+        mark: Instant,
+    ) -> Result<(), RuntimeError> {
+        let mut mark = mark;
         if !spec.allow_internet_access {
             let slot = slot.clone();
             tokio::task::spawn_blocking(move || hearth_network::egress::set_internet_access(&slot, false))
                 .await
                 .map_err(|err| RuntimeError::Failed(format!("egress rule task failed: {err}")))?
                 .map_err(|err| RuntimeError::Failed(format!("failed to block internet access: {err}")))?;
+            mark = timings.record("egress_rule", mark);
         }
 
         let request = InitRequest {
@@ -189,7 +190,12 @@ impl NodeAgent {
             default_user: DEFAULT_USER,
             default_workdir: DEFAULT_WORKDIR,
         };
-        self.envd.init(address, &request, None).await.map_err(|err| RuntimeError::Failed(err.to_string()))
+        self.envd
+            .init_when_ready(slot.guest_route_ip, &request, self.config.envd_ready_timeout)
+            .await
+            .map_err(|err| RuntimeError::Failed(err.to_string()))?;
+        timings.record("envd_init", mark);
+        Ok(())
     }
 
     async fn release_slot(&self, sandbox_id: &SandboxId, slot: Slot) {

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use hearth_types::guest::ENVD_PORT;
 use serde::Serialize;
 
-/// Interval between readiness probes. A restored guest usually answers on the first or
-/// second probe, so a short interval keeps create latency low without busy-looping.
-const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(2);
+/// Interval between connection attempts while a restored guest's envd is not reachable yet.
+/// It usually answers the first attempt, so a short interval keeps create latency low
+/// without busy-looping.
+const READY_POLL_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Timeout of one probe or `/init` request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -17,7 +18,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Errors talking to envd in a guest.
 #[derive(Debug, thiserror::Error)]
 pub enum EnvdError {
-    /// envd did not answer `/health` in time.
+    /// envd did not accept a connection in time.
     #[error("envd at {address} did not become healthy within {waited:?}")]
     NotReady { address: Ipv4Addr, waited: Duration },
     /// `/init` failed.
@@ -60,46 +61,37 @@ impl EnvdClient {
         Self { http }
     }
 
-    /// Polls `GET /health` until envd answers with success or `deadline` passes.
-    pub async fn wait_healthy(&self, address: Ipv4Addr, deadline: Duration) -> Result<(), EnvdError> {
-        let url = format!("http://{address}:{ENVD_PORT}/health");
+    /// Sends `POST /init` as soon as envd accepts connections, retrying refused or reset
+    /// connections until `deadline` passes. A restored guest answers within milliseconds
+    /// on KVM, so the first answer to `/init` doubles as the readiness check and saves a
+    /// separate `/health` round trip on the create path.
+    pub async fn init_when_ready(
+        &self,
+        address: Ipv4Addr,
+        request: &InitRequest<'_>,
+        deadline: Duration,
+    ) -> Result<(), EnvdError> {
+        let url = format!("http://{address}:{ENVD_PORT}/init");
         let started = Instant::now();
-        loop {
-            let attempt = self.http.get(&url).send().await;
-            if matches!(&attempt, Ok(response) if response.status().is_success()) {
-                return Ok(());
+        for attempt in 1.. {
+            match self.http.post(&url).json(request).send().await {
+                Ok(response) if response.status().is_success() => {
+                    tracing::debug!(%address, attempt, waited_us = started.elapsed().as_micros() as u64, "envd initialised");
+                    return Ok(());
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    let body = response.text().await.unwrap_or_default();
+                    return Err(EnvdError::Init { address, reason: format!("HTTP {status}: {body}") });
+                }
+                Err(err) => tracing::trace!(%address, attempt, error = %err, "envd not reachable yet"),
             }
             if started.elapsed() >= deadline {
                 return Err(EnvdError::NotReady { address, waited: started.elapsed() });
             }
-            tokio::time::sleep(HEALTH_POLL_INTERVAL).await;
+            tokio::time::sleep(READY_POLL_INTERVAL).await;
         }
-    }
-
-    /// Sends `POST /init`. `previous_token` authenticates the call when envd already holds a
-    /// token (after a resume), since envd checks it on every route except `/health`.
-    pub async fn init(
-        &self,
-        address: Ipv4Addr,
-        request: &InitRequest<'_>,
-        previous_token: Option<&str>,
-    ) -> Result<(), EnvdError> {
-        let url = format!("http://{address}:{ENVD_PORT}/init");
-        let mut call = self.http.post(&url).json(request);
-        if let Some(token) = previous_token {
-            call = call.header("X-Access-Token", token);
-        }
-
-        let response = call
-            .send()
-            .await
-            .map_err(|err| EnvdError::Init { address, reason: err.to_string() })?;
-        if !response.status().is_success() {
-            let status = response.status();
-            let body = response.text().await.unwrap_or_default();
-            return Err(EnvdError::Init { address, reason: format!("HTTP {status}: {body}") });
-        }
-        Ok(())
+        unreachable!("the retry loop only ends by returning")
     }
 }
 

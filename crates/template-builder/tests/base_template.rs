@@ -200,12 +200,17 @@ fn template_fingerprint(paths: &TemplateBuildPaths) -> Vec<String> {
     ]
 }
 
+/// Serialises the VM tests of this file. A cold boot under TCG can hang in the guest's
+/// TSC calibration when other guests load the host's cores, so no two VMs run at once here.
+static VM_TEST_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_cold_boot_of_base_template_answers_health() {
+    let _serial = VM_TEST_LOCK.lock().await;
     let template = SnapshotTemplate::load(&template_dir().await).unwrap();
     let slot = TestSlot::create();
     let run_dir = tempfile::tempdir().unwrap();
@@ -236,6 +241,7 @@ async fn vm_cold_boot_of_base_template_answers_health() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_restore_twice_keeps_template_unchanged() {
+    let _serial = VM_TEST_LOCK.lock().await;
     let template = SnapshotTemplate::load(&template_dir().await).unwrap();
     let before = template_fingerprint(&template.paths);
     let driver = QemuDriver::from_env();
@@ -268,6 +274,7 @@ async fn vm_restore_twice_keeps_template_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_stop_leaves_no_process() {
+    let _serial = VM_TEST_LOCK.lock().await;
     let template = SnapshotTemplate::load(&template_dir().await).unwrap();
     let slot = TestSlot::create();
     let run_dir = tempfile::tempdir().unwrap();
