@@ -9,8 +9,9 @@ RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --locked --profile envd -p envd --target x86_64-unknown-linux-gnu
 
 envd=target/x86_64-unknown-linux-gnu/envd/envd
-if ldd "$envd" >/dev/null 2>&1; then
-    echo "error: $envd is dynamically linked; envd must be static" >&2
+# A static(-pie) binary has no NEEDED entries; any would mean a libc dependency in the guest.
+if readelf -d "$envd" | grep -q NEEDED; then
+    echo "error: $envd needs shared libraries; envd must be static" >&2
     exit 1
 fi
 

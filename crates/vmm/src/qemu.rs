@@ -219,10 +219,16 @@ impl QemuDriver {
         let netns_fd = netns.as_ref().map(|file| file.as_raw_fd());
         let inherited = [Some(listen_fd), extra_fd];
         // SAFETY: the closure runs in the forked child before exec. It allocates nothing and
-        // calls only async-signal-safe system calls (fcntl, setns), on descriptors that stay
-        // open in the parent until spawn returns.
+        // calls only async-signal-safe system calls (prctl, fcntl, setns), on descriptors
+        // that stay open in the parent until spawn returns.
         unsafe {
             command.pre_exec(move || {
+                // If the process that started QEMU dies, even by SIGKILL, QEMU dies with it
+                // instead of running on unowned. The signal follows the spawning thread, a
+                // tokio worker that lives as long as the runtime.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 for fd in inherited.into_iter().flatten() {
                     if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
                         return Err(std::io::Error::last_os_error());
