@@ -285,6 +285,5 @@ async fn vm_stop_leaves_no_process() {
     vm.stop().await.unwrap();
 
     assert!(!process_exists(pid), "QEMU pid {pid} still exists after stop");
-    assert!(!run_dir.path().join("qmp.sock").exists(), "QMP socket left behind");
     vm.stop().await.unwrap();
 }

@@ -42,7 +42,7 @@ pub struct VmPlacement {
     /// Network namespace (name under `/run/netns`) holding the tap device
     /// [`hearth_types::guest::TAP_NAME`]. `None` runs the VM without a network device.
     pub netns: Option<String>,
-    /// Directory for the VMM's control socket, serial console log and its own log.
+    /// Directory for the serial console log and the VMM's own log.
     /// Must exist; the driver removes only the files it created there.
     pub run_dir: PathBuf,
 }
@@ -147,7 +147,7 @@ pub trait Vm: Send + Sync {
     /// written into `vmstate`.
     async fn snapshot(&mut self, vmstate: &std::path::Path) -> Result<(), VmmError>;
 
-    /// Kills the VMM process, waits for it to exit and removes its socket. Calling it
+    /// Kills the VMM process and waits for it to exit. Calling it
     /// again after success does nothing.
     async fn stop(&mut self) -> Result<(), VmmError>;
 }

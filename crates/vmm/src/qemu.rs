@@ -1,9 +1,9 @@
 //! QEMU driver: one `qemu-system-x86_64 -M microvm` process per VM, controlled over QMP.
 //!
 //! Launch, step by step:
-//! 1. Hearth binds and listens on the QMP socket itself and hands the listening descriptor
-//!    to QEMU (`-chardev socket,fd=N,server=on`), so it can connect at once instead of
-//!    polling for the socket file to appear.
+//! 1. Hearth creates a connected socket pair for QMP and hands one end to QEMU
+//!    (`-chardev socket,fd=N,server=off`), so it talks to QEMU at once instead of polling
+//!    for a socket file to appear.
 //! 2. The child enters the slot's network namespace with `setns` between fork and exec, so
 //!    QEMU opens the namespace's tap device; no `ip netns exec` process is involved.
 //! 3. Guest RAM is a `memory-backend-file`. A booted VM maps it shared, so the file is the
@@ -12,12 +12,11 @@
 //!    private (copy-on-write) and reads the device state from a descriptor Hearth opened
 //!    (`migrate-incoming fd:N`), which again spawns no helper process.
 //!
-//! Files in the run directory: `qmp.sock`, `console.log` (guest serial console) and
+//! Files in the run directory: `console.log` (guest serial console) and
 //! `vmm.log` (QEMU's own output).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -45,7 +44,6 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 const LOG_TAIL_BYTES: u64 = 2048;
 
 /// File names in the run directory.
-const QMP_SOCKET: &str = "qmp.sock";
 const CONSOLE_LOG: &str = "console.log";
 const VMM_LOG: &str = "vmm.log";
 
@@ -178,15 +176,16 @@ impl QemuDriver {
         extra_fd: Option<RawFd>,
     ) -> Result<QemuVm, VmmError> {
         let run_dir = &placement.run_dir;
-        let socket_path = run_dir.join(QMP_SOCKET);
         let prepare = |what, path: &Path| {
             let path = path.to_owned();
             move |source| VmmError::Prepare { what, path, source }
         };
 
-        remove_if_exists(&socket_path).map_err(prepare("QMP socket", &socket_path))?;
-        let listener = UnixListener::bind(&socket_path).map_err(prepare("QMP socket", &socket_path))?;
-        let listen_fd = listener.as_raw_fd();
+        // QMP runs over a connected socket pair: QEMU gets one end as an open descriptor,
+        // so no socket file exists whose path could exceed the 108-byte limit of Unix
+        // socket addresses in deep data directories.
+        let (qmp_ours, qmp_theirs) = std::os::unix::net::UnixStream::pair().map_err(prepare("QMP socket pair", run_dir))?;
+        let listen_fd = qmp_theirs.as_raw_fd();
         let log_path = run_dir.join(VMM_LOG);
         let log = File::create(&log_path).map_err(prepare("VMM log", &log_path))?;
         let log_err = log.try_clone().map_err(prepare("VMM log", &log_path))?;
@@ -200,7 +199,7 @@ impl QemuDriver {
 
         args.extend([
             "-chardev".into(),
-            format!("socket,id=qmp,fd={listen_fd},server=on,wait=off"),
+            format!("socket,id=qmp,fd={listen_fd},server=off"),
             "-mon".into(),
             "chardev=qmp,mode=control".into(),
             "-chardev".into(),
@@ -249,9 +248,9 @@ impl QemuDriver {
             source,
         })?;
         let pid = child.id().unwrap_or(0);
-        let stream = UnixStream::connect(&socket_path).await;
-        drop(listener);
+        drop(qmp_theirs);
         drop(netns);
+        let stream = qmp_ours.set_nonblocking(true).and_then(|()| UnixStream::from_std(qmp_ours));
 
         let mut vm = QemuVm {
             pid,
@@ -263,7 +262,7 @@ impl QemuDriver {
             Ok(stream) => stream,
             Err(source) => {
                 let _ = vm.stop().await;
-                return Err(VmmError::Prepare { what: "QMP connection", path: socket_path, source });
+                return Err(VmmError::Prepare { what: "QMP connection", path: run_dir.clone(), source });
             }
         };
         match tokio::time::timeout(QMP_GREETING_TIMEOUT, QmpClient::handshake(stream)).await {
@@ -447,7 +446,6 @@ impl Vm for QemuVm {
             }
             tracing::info!(pid = self.pid, run_dir = %self.run_dir.display(), "VM stopped");
         }
-        let _ = remove_if_exists(&self.run_dir.join(QMP_SOCKET));
         Ok(())
     }
 }
@@ -517,13 +515,6 @@ fn path_arg(path: &Path) -> String {
 /// Quotes a string for `/bin/sh` with single quotes.
 fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
-}
-
-fn remove_if_exists(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
-        _ => Ok(()),
-    }
 }
 
 /// Returns the last bytes of a log file, or a note saying why it cannot be read.
