@@ -18,6 +18,10 @@ use crate::rootfs::{cached_debootstrap, make_ext4, prepare_tree, DebootstrapSpec
 /// on a microvm (no keyboard controller, no ACPI reset) and ends QEMU under `-no-reboot`.
 pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=t panic=1 quiet";
 
+/// Boots of the build VM tried before the build fails; each gets an equal share of
+/// `boot_timeout`.
+const BOOT_ATTEMPTS: u32 = 3;
+
 /// Interval between `/health` requests while the build VM boots.
 const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -266,11 +270,25 @@ async fn boot_and_snapshot(
         disk: DiskSpec { path: paths.rootfs(), format: DiskFormat::Raw },
         placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: paths.dir().to_owned() },
     };
-    let launched = Instant::now();
-    let mut vm = driver.boot_vm(&spec).await?;
-
     let url = format!("http://{}:{ENVD_PORT}/health", slot.guest_route_ip);
-    let waited = wait_for_health(&mut vm, &url, options.boot_timeout).await;
+    let attempt_timeout = options.boot_timeout / BOOT_ATTEMPTS;
+    let mut attempt = 1;
+    let (mut vm, launched, waited) = loop {
+        let launched = Instant::now();
+        let mut vm = driver.boot_vm(&spec).await?;
+        let waited = wait_for_health(&mut vm, &url, attempt_timeout).await;
+        match waited {
+            Err(BuildError::HealthTimeout { .. }) if attempt < BOOT_ATTEMPTS => {
+                // Under TCG on a loaded host the guest kernel can fail its PIT calibration
+                // and stop before userspace; a fresh boot usually gets through.
+                tracing::warn!(attempt, timeout_secs = attempt_timeout.as_secs(), "build VM did not answer; booting it again");
+                report(BuildStep::Boot, format!("no answer after {} s; boot attempt {}", attempt_timeout.as_secs(), attempt + 1));
+                vm.stop().await?;
+                attempt += 1;
+            }
+            waited => break (vm, launched, waited),
+        }
+    };
     let result = match waited {
         Ok(()) => {
             let boot_to_health = launched.elapsed();
