@@ -26,9 +26,22 @@ struct Envd {
     base_url: String,
 }
 
+/// Returns a free loopback port below Linux's ephemeral range (32768 and up). A port the
+/// kernel hands out for `bind(0)` can be handed to a parallel test again as soon as it is
+/// released, and then two envd processes race for it; ports from this counter are unique
+/// within the test process and never chosen by the kernel for another socket.
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT_PORT.compare_exchange(0, 20_000 + (std::process::id() % 10_000) as u16, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_768, "ran out of test ports below the ephemeral range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Envd {
