@@ -86,6 +86,31 @@ impl NodeAgent {
         }
     }
 
+    /// Removes the run directories that an earlier run of this server left behind. No
+    /// sandbox survives a restart (its VMM dies with the server), so at start-up every run
+    /// directory is stale. Call it before the first start.
+    pub fn sweep_run_dirs(&self) {
+        let dir = self.config.data_dir.sandboxes_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+            Err(err) => {
+                tracing::error!(path = %dir.display(), error = %err, "failed to list sandbox run directories");
+                return;
+            }
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(err) => tracing::error!(path = %entry.path().display(), error = %err, "failed to remove a stale sandbox run directory"),
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed run directories of sandboxes from an earlier run");
+        }
+    }
+
     /// The slot pool, for metrics and shutdown.
     pub fn slots(&self) -> &SlotPool {
         &self.slots
