@@ -27,7 +27,7 @@ const DEFAULT_WORKDIR: &str = "/home/user";
 pub struct NodeConfig {
     /// Data directory holding template builds and sandbox run directories.
     pub data_dir: DataDir,
-    /// Time a restored guest's envd gets to answer `/health` before the start fails.
+    /// Time a restored guest's envd gets to accept `/init` before the start fails.
     pub envd_ready_timeout: Duration,
 }
 
@@ -111,7 +111,7 @@ impl NodeAgent {
         }
     }
 
-    /// The slot pool, for metrics and shutdown.
+    /// Returns the slot pool, for metrics and template builds.
     pub fn slots(&self) -> &SlotPool {
         &self.slots
     }

@@ -8,7 +8,7 @@ use hearth_types::guest::ENVD_PORT;
 use serde::Serialize;
 
 /// Interval between connection attempts while a restored guest's envd is not reachable yet.
-/// It usually answers the first attempt, so a short interval keeps create latency low
+/// envd usually accepts the first attempt, so a short interval keeps create latency low
 /// without busy-looping.
 const READY_POLL_INTERVAL: Duration = Duration::from_millis(2);
 
@@ -62,9 +62,8 @@ impl EnvdClient {
     }
 
     /// Sends `POST /init` as soon as envd accepts connections, retrying refused or reset
-    /// connections until `deadline` passes. A restored guest answers within milliseconds
-    /// on KVM, so the first answer to `/init` doubles as the readiness check and saves a
-    /// separate `/health` round trip on the create path.
+    /// connections until `deadline` passes. The response to `/init` doubles as the
+    /// readiness check, which saves a separate `/health` round trip on the create path.
     pub async fn init_when_ready(
         &self,
         address: Ipv4Addr,

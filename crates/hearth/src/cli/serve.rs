@@ -48,7 +48,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HEARTH_SLOT_POOL_SIZE", default_value_t = hearth_network::pool::DEFAULT_READY_TARGET)]
     slot_pool_size: usize,
 
-    /// Seconds a restored sandbox's envd gets to answer before the create fails.
+    /// Seconds a restored sandbox's envd gets to accept its first request before the create fails.
     #[arg(long, default_value_t = 30)]
     envd_ready_timeout_secs: u64,
 }

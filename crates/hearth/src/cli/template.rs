@@ -18,7 +18,7 @@ use super::DataDirArgs;
 /// Alias of the template that `hearth serve` builds on first start.
 pub const BASE_ALIAS: &str = "base";
 
-/// Where the static envd binary to put into templates comes from.
+/// Location of the static envd binary that templates get.
 #[derive(Debug, clap::Args)]
 pub struct EnvdArgs {
     /// Static envd binary installed into templates. Default: `envd` beside the `hearth`
