@@ -1,0 +1,124 @@
+//! Node agent against the real thing: a QEMU restore of the base template in a real network
+//! slot, envd initialised over the slot's network, and nothing left after the stop.
+//!
+//! Needs root, QEMU and a built base template: `HEARTH_TEST_TEMPLATE_DIR` names its build
+//! directory (`<data-dir>/templates/<template>/<build>`), as `scripts/test.sh` sets it.
+//! Without it the test prints why and passes without running.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_control_plane::runtime::{RuntimeError, SandboxRuntime, SandboxSpec};
+use hearth_network::{InstanceId, SlotPool, SlotPoolConfig};
+use hearth_node_agent::{NodeAgent, NodeConfig};
+use hearth_proxy::RouteTable;
+use hearth_storage::DataDir;
+use hearth_types::{BuildId, SandboxId, TemplateId};
+use hearth_vmm::QemuDriver;
+
+/// Splits a template build directory into its data dir, template ID and build ID.
+fn template_from_env() -> Option<(PathBuf, TemplateId, BuildId)> {
+    let dir = PathBuf::from(std::env::var_os("HEARTH_TEST_TEMPLATE_DIR")?);
+    let build = dir.file_name()?.to_str()?.to_owned();
+    let template = dir.parent()?.file_name()?.to_str()?.to_owned();
+    let data_dir = dir.parent()?.parent()?.parent()?.to_path_buf();
+    Some((data_dir, TemplateId::parse(&template).ok()?, BuildId::parse(&build).ok()?))
+}
+
+fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+/// Removes the instance's namespaces, host interfaces and nftables table when dropped, so a
+/// failing assertion leaves nothing behind either.
+struct SweepOnDrop(InstanceId);
+
+impl Drop for SweepOnDrop {
+    fn drop(&mut self) {
+        if let Err(err) = hearth_network::sweep::sweep_instance(&self.0) {
+            eprintln!("failed to sweep instance {}: {err}", self.0.as_str());
+        }
+    }
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_start_init_and_stop_cleanly() {
+    let Some((data_root, template_id, build_id)) = template_from_env() else {
+        eprintln!("HEARTH_TEST_TEMPLATE_DIR is not set; skipping the node agent VM test");
+        return;
+    };
+    let manifest = hearth_storage::TemplateManifest::load(
+        &DataDir::new(&data_root).template_build(&template_id, &build_id).manifest(),
+    )
+    .unwrap();
+
+    let instance = InstanceId::from_data_dir(&data_root).unwrap();
+    let _sweep = SweepOnDrop(instance.clone());
+    let mut pool_config = SlotPoolConfig::new(instance);
+    pool_config.ready_target = 1;
+    let slots = SlotPool::start(pool_config).await.unwrap();
+    let node = Arc::new(NodeAgent::new(
+        NodeConfig { data_dir: DataDir::new(&data_root), envd_ready_timeout: Duration::from_secs(60) },
+        Arc::new(QemuDriver::from_env()),
+        slots,
+    ));
+
+    let sandbox_id = SandboxId::generate();
+    let spec = SandboxSpec {
+        sandbox_id: sandbox_id.clone(),
+        template_id: template_id.clone(),
+        build_id: build_id.clone(),
+        vcpus: manifest.vcpus,
+        memory_mib: manifest.memory_mib,
+        env_vars: HashMap::from([("HEARTH_TEST_VAR".to_owned(), "value with spaces".to_owned())]),
+        envd_access_token: Some("test-token".to_owned()),
+        allow_internet_access: true,
+    };
+    let started = node.start(spec).await.unwrap();
+    assert_eq!(started.envd_version, manifest.envd_version);
+    let phases: Vec<&str> = started.timings.iter().map(|(name, _)| *name).collect();
+    assert_eq!(phases, ["slot", "disk", "vmm_restore", "envd_init"]);
+
+    let route = node.lookup(sandbox_id.as_str()).expect("a started sandbox has a route");
+    let envs_url = format!("http://{}:{}/envs", route.address, hearth_types::guest::ENVD_PORT);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let unauthenticated = http.get(&envs_url).send().await.unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    let envs: HashMap<String, String> =
+        http.get(&envs_url).header("X-Access-Token", "test-token").send().await.unwrap().json().await.unwrap();
+    assert_eq!(envs.get("HEARTH_TEST_VAR").map(String::as_str), Some("value with spaces"));
+    assert_eq!(node.running().await, vec![sandbox_id.clone()]);
+
+    let run_dir = DataDir::new(&data_root).sandbox(&sandbox_id).dir().to_path_buf();
+    let vmm_pids: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(run_dir.to_str().unwrap()))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert_eq!(vmm_pids.len(), 1, "expected one QEMU process for the sandbox");
+
+    node.stop(&sandbox_id).await.unwrap();
+    assert!(node.lookup(sandbox_id.as_str()).is_none());
+    assert!(!run_dir.exists(), "run dir {} left behind", run_dir.display());
+    assert!(!process_exists(vmm_pids[0]), "QEMU pid {} still exists", vmm_pids[0]);
+    assert!(matches!(node.stop(&sandbox_id).await, Err(RuntimeError::NotFound(_))));
+
+    let netns_prefix = format!("hearth-{}-", InstanceId::from_data_dir(&data_root).unwrap().as_str());
+    node.shutdown().await.unwrap();
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|entries| entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    assert!(left.iter().all(|name| !name.starts_with(&netns_prefix)), "namespaces left: {left:?}");
+    assert!(!netns_exists(&format!("{netns_prefix}0")));
+}
