@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+echo "building hearth and envd (release builds; several minutes on 2 cores)"
 scripts/build.sh
 
 data_dir="${HEARTH_DATA_DIR:-/var/lib/hearth}"
@@ -17,20 +18,35 @@ fi
 api_key="$(cat "$key_file")"
 
 if curl -fsS http://127.0.0.1:3000/health >/dev/null 2>&1; then
-    echo "a server already answers on 127.0.0.1:3000; using it"
+    echo "a server already answers on 127.0.0.1:3000; using it (it must accept the key in $key_file)"
 else
     echo "starting hearth serve (log: $data_dir/server.log); the first start builds the base template"
     nohup hearth serve --data-dir "$data_dir" >"$data_dir/server.log" 2>&1 &
     echo $! >"$data_dir/server.pid"
+    ready=""
+    last_step=""
     for _ in $(seq 1 900); do
-        curl -fsS http://127.0.0.1:3000/health >/dev/null 2>&1 && break
+        if curl -fsS http://127.0.0.1:3000/health >/dev/null 2>&1; then
+            ready=yes
+            break
+        fi
         if ! kill -0 "$(cat "$data_dir/server.pid")" 2>/dev/null; then
             tail -n 50 "$data_dir/server.log"
             echo "error: hearth serve exited; see $data_dir/server.log" >&2
             exit 1
         fi
+        # Show the template build's progress from the server log as it happens.
+        step="$(grep -o 'template build progress.*' "$data_dir/server.log" | tail -n 1 || true)"
+        if [[ -n "$step" && "$step" != "$last_step" ]]; then
+            echo "  ${step#template build progress }"
+            last_step="$step"
+        fi
         sleep 1
     done
+    if [[ -z "$ready" ]]; then
+        echo "error: hearth serve did not answer on 127.0.0.1:3000 within 15 minutes; see $data_dir/server.log" >&2
+        exit 1
+    fi
 fi
 
 export E2B_API_URL=http://127.0.0.1:3000

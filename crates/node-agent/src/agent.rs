@@ -126,7 +126,12 @@ impl NodeAgent {
             }
         }
         let report = self.slots.shutdown().await.map_err(NodeError::Slots)?;
-        tracing::info!(?report, "network slots removed");
+        tracing::info!(
+            namespaces = report.namespaces,
+            interfaces = report.interfaces,
+            nft_table = report.nft_table,
+            "network slots removed"
+        );
         Ok(())
     }
 
