@@ -17,7 +17,7 @@ if [[ ! -s "$key_file" ]]; then
 fi
 api_key="$(cat "$key_file")"
 
-if curl -fsS http://127.0.0.1:3000/health >/dev/null 2>&1; then
+if curl -fsS -m 2 http://127.0.0.1:3000/health >/dev/null 2>&1; then
     echo "a server already answers on 127.0.0.1:3000; using it (it must accept the key in $key_file)"
 else
     echo "starting hearth serve (log: $data_dir/server.log); the first start builds the base template"
@@ -26,7 +26,7 @@ else
     ready=""
     last_step=""
     for _ in $(seq 1 900); do
-        if curl -fsS http://127.0.0.1:3000/health >/dev/null 2>&1; then
+        if curl -fsS -m 2 http://127.0.0.1:3000/health >/dev/null 2>&1; then
             ready=yes
             break
         fi
@@ -47,6 +47,14 @@ else
         echo "error: hearth serve did not answer on 127.0.0.1:3000 within 15 minutes; see $data_dir/server.log" >&2
         exit 1
     fi
+fi
+
+# A key file can outlive the database it was created in; make a new key if the server rejects it.
+status="$(curl -s -m 5 -o /dev/null -w '%{http_code}' -H "X-API-Key: $api_key" http://127.0.0.1:3000/sandboxes)"
+if [[ "$status" == "401" ]]; then
+    echo "the server rejects the key in $key_file; creating a new one"
+    hearth api-key create --data-dir "$data_dir" --name quickstart >"$key_file"
+    api_key="$(cat "$key_file")"
 fi
 
 export E2B_API_URL=http://127.0.0.1:3000

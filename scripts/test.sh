@@ -42,7 +42,7 @@ HEARTH_API_KEY="$api_key" hearth serve --data-dir "$data_dir" \
     --api-listen 127.0.0.1:3000 --proxy-listen 127.0.0.1:3001 >"$work_dir/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 300); do
-    curl -fsS http://127.0.0.1:3000/health >/dev/null 2>&1 && break
+    curl -fsS -m 2 http://127.0.0.1:3000/health >/dev/null 2>&1 && break
     kill -0 "$server_pid" 2>/dev/null || { cat "$work_dir/server.log"; echo "error: hearth serve exited" >&2; exit 1; }
     sleep 1
 done
