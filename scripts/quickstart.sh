@@ -44,7 +44,7 @@ else
         sleep 1
     done
     if [[ -z "$ready" ]]; then
-        echo "error: hearth serve did not answer on 127.0.0.1:3000 within 15 minutes; see $data_dir/server.log" >&2
+        echo "error: hearth serve did not respond on 127.0.0.1:3000 within 15 minutes; see $data_dir/server.log" >&2
         exit 1
     fi
 fi

@@ -139,12 +139,12 @@ pub async fn build(
 }
 
 impl ControlPlane {
-    /// The state store, for the template builder and the CLI.
+    /// Returns the state store, for the template builder and the CLI.
     pub fn store(&self) -> &Store {
         &self.inner.store
     }
 
-    /// The configuration the control plane was built with.
+    /// Returns the configuration the control plane was built with.
     pub fn config(&self) -> &ControlPlaneConfig {
         &self.inner.config
     }

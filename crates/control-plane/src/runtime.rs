@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use hearth_types::{BuildId, SandboxId, TemplateId};
 
-/// What the node agent needs to start one sandbox.
+/// Request to the node agent to start one sandbox.
 #[derive(Clone, Debug)]
 pub struct SandboxSpec {
     /// ID the control plane chose for the sandbox.
@@ -30,7 +30,7 @@ pub struct SandboxSpec {
     pub allow_internet_access: bool,
 }
 
-/// A sandbox the node agent has started and whose envd answers.
+/// A sandbox the node agent has started, with envd initialised.
 #[derive(Clone, Debug)]
 pub struct StartedSandbox {
     /// Version of envd running in the guest.
@@ -52,7 +52,7 @@ pub enum RuntimeError {
     /// The sandbox is not running on this node.
     #[error("sandbox {0} is not running on this node")]
     NotFound(SandboxId),
-    /// Starting or stopping failed; the message says which step.
+    /// Starting or stopping failed. The message names the failed step.
     #[error("{0}")]
     Failed(String),
 }
@@ -60,7 +60,7 @@ pub enum RuntimeError {
 /// Runs sandboxes on a node.
 #[async_trait]
 pub trait SandboxRuntime: Send + Sync + 'static {
-    /// Starts a sandbox and returns once its envd answers and has been initialised.
+    /// Starts a sandbox and returns once its envd has accepted `/init`.
     async fn start(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError>;
 
     /// Stops a sandbox and removes everything it used on the node.

@@ -33,7 +33,7 @@ pub(crate) const CONNECT_DEFAULT_TIMEOUT_SECS: i64 = 300;
 /// Default `duration` of `POST /sandboxes/{id}/refreshes`.
 pub(crate) const REFRESH_DEFAULT_SECS: i64 = 15;
 
-/// Where the time of one create request went, for the `Server-Timing` response header.
+/// Time spent in each phase of one create request, for the `Server-Timing` response header.
 pub(crate) struct ServerTiming {
     /// Phases the runtime reported, in order.
     pub phases: Vec<(&'static str, Duration)>,

@@ -469,8 +469,8 @@ async fn read_single_envelope<Req: RpcMessage>(
         None => return Err(RpcError::invalid_argument("the request stream has no message")),
     };
 
-    // Read the body to its end before answering. hyper keeps an HTTP/1.1 connection open
-    // only when the request body was read completely; otherwise it closes the connection
+    // Read the body to its end before responding. hyper keeps an HTTP/1.1 connection open
+    // only when the request body was read completely. Otherwise it closes the connection
     // after the response, racing a client that already reused it for its next request.
     match tokio::time::timeout(REQUEST_END_TIMEOUT, reader.next_message()).await {
         Ok(Ok(None)) => Ok(message),

@@ -26,10 +26,10 @@ struct Envd {
     base_url: String,
 }
 
-/// Returns a free loopback port below Linux's ephemeral range (32768 and up). A port the
-/// kernel hands out for `bind(0)` can be handed to a parallel test again as soon as it is
-/// released, and then two envd processes race for it; ports from this counter are unique
-/// within the test process and never chosen by the kernel for another socket.
+/// Returns a free loopback port below Linux's ephemeral range (32768 and up). The kernel
+/// can give a port from `bind(0)` to a parallel test again once it is released, and then
+/// two envd processes race for it. Ports from this counter are unique within the test
+/// process, and the kernel never picks them for another socket.
 fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
 

@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use hearth_control_plane::runtime::{RuntimeError, SandboxRuntime, SandboxSpec, StartedSandbox};
 use hearth_network::{PoolError, Slot, SlotPool};
 use hearth_proxy::{Route, RouteTable};
-use hearth_storage::{DataDir, TemplateBuildPaths, TemplateManifest};
+use hearth_storage::DataDir;
 use hearth_types::{BuildId, SandboxId, TemplateId};
-use hearth_vmm::{DiskFormat, DiskSpec, MachineSize, RestoreSpec, Vm, VmPlacement, VmmDriver};
+use hearth_vmm::{SnapshotTemplate, Vm, VmmDriver};
 
 use crate::envd_client::{EnvdClient, InitRequest};
 use crate::routes::Routes;
@@ -54,8 +54,8 @@ pub struct NodeAgent {
     envd: EnvdClient,
     routes: Routes,
     sandboxes: tokio::sync::Mutex<HashMap<SandboxId, RunningSandbox>>,
-    /// Manifests of template builds already read, so a start reads no file for them.
-    manifests: Mutex<HashMap<(TemplateId, BuildId), Arc<TemplateManifest>>>,
+    /// Template builds already loaded, so a start reads no file for them.
+    snapshots: Mutex<HashMap<(TemplateId, BuildId), Arc<SnapshotTemplate>>>,
 }
 
 /// Phase timings of one start, reported in the create response's `Server-Timing` header.
@@ -82,7 +82,7 @@ impl NodeAgent {
             envd: EnvdClient::new(),
             routes: Routes::default(),
             sandboxes: tokio::sync::Mutex::new(HashMap::new()),
-            manifests: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(HashMap::new()),
         }
     }
 
@@ -135,24 +135,21 @@ impl NodeAgent {
         Ok(())
     }
 
-    fn manifest(&self, template_id: &TemplateId, build_id: &BuildId) -> Result<(TemplateBuildPaths, Arc<TemplateManifest>), RuntimeError> {
-        let paths = self.config.data_dir.template_build(template_id, build_id);
+    /// Returns the template build's snapshot, loading and checking it on first use only.
+    fn snapshot(&self, template_id: &TemplateId, build_id: &BuildId) -> Result<Arc<SnapshotTemplate>, RuntimeError> {
         let key = (template_id.clone(), build_id.clone());
-        if let Some(manifest) = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok((paths, manifest.clone()));
+        if let Some(snapshot) = self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(snapshot.clone());
         }
 
-        let unavailable = || RuntimeError::TemplateUnavailable { template_id: template_id.clone(), build_id: build_id.clone() };
-        if !paths.is_ready() {
-            return Err(unavailable());
-        }
-        let manifest = TemplateManifest::load(&paths.manifest()).map_err(|err| {
-            tracing::error!(template_id = %template_id, build_id = %build_id, error = %err, "template manifest is unreadable");
-            unavailable()
+        let dir = self.config.data_dir.template_build(template_id, build_id);
+        let snapshot = SnapshotTemplate::load(dir.dir()).map_err(|err| {
+            tracing::error!(template_id = %template_id, build_id = %build_id, error = %err, "template build is not usable");
+            RuntimeError::TemplateUnavailable { template_id: template_id.clone(), build_id: build_id.clone() }
         })?;
-        let manifest = Arc::new(manifest);
-        self.manifests.lock().unwrap_or_else(|p| p.into_inner()).insert(key, manifest.clone());
-        Ok((paths, manifest))
+        let snapshot = Arc::new(snapshot);
+        self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(key, snapshot.clone());
+        Ok(snapshot)
     }
 
     /// Restores the VM and initialises envd in an acquired slot. On error the caller
@@ -160,25 +157,18 @@ impl NodeAgent {
     async fn start_in_slot(
         &self,
         spec: &SandboxSpec,
-        template: &TemplateBuildPaths,
-        manifest: &TemplateManifest,
+        snapshot: &SnapshotTemplate,
         slot: &Slot,
         run_dir: &std::path::Path,
         timings: &mut StartTimings,
         mut mark: Instant,
     ) -> Result<Box<dyn Vm>, RuntimeError> {
-        let disk = run_dir.join("disk.qcow2");
-        hearth_storage::create_overlay(&disk, &template.rootfs(), manifest.disk_size_bytes)
+        let disk = snapshot
+            .create_disk(run_dir)
             .map_err(|err| RuntimeError::Failed(format!("failed to create the sandbox disk: {err}")))?;
         mark = timings.record("disk", mark);
 
-        let restore = RestoreSpec {
-            machine: MachineSize { vcpus: manifest.vcpus, memory_mib: manifest.memory_mib },
-            memory_file: template.memory(),
-            vmstate: template.vmstate(),
-            disk: DiskSpec { path: disk, format: DiskFormat::Qcow2 },
-            placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: run_dir.to_path_buf() },
-        };
+        let restore = snapshot.restore_spec(disk, slot, run_dir);
         let mut vm = self
             .driver
             .restore(&restore)
@@ -240,7 +230,8 @@ impl SandboxRuntime for NodeAgent {
     async fn start(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError> {
         let started = Instant::now();
         let mut timings = StartTimings::default();
-        let (template, manifest) = self.manifest(&spec.template_id, &spec.build_id)?;
+        let snapshot = self.snapshot(&spec.template_id, &spec.build_id)?;
+        let manifest = &snapshot.manifest;
         if manifest.vcpus != spec.vcpus || manifest.memory_mib != spec.memory_mib {
             tracing::warn!(
                 sandbox_id = %spec.sandbox_id,
@@ -259,7 +250,7 @@ impl SandboxRuntime for NodeAgent {
             return Err(RuntimeError::Failed(format!("failed to create run directory {}: {err}", run_dir.display())));
         }
 
-        let vm = match self.start_in_slot(&spec, &template, &manifest, &slot, &run_dir, &mut timings, mark).await {
+        let vm = match self.start_in_slot(&spec, &snapshot, &slot, &run_dir, &mut timings, mark).await {
             Ok(vm) => vm,
             Err(err) => {
                 self.release_slot(&spec.sandbox_id, slot).await;
@@ -282,7 +273,7 @@ impl SandboxRuntime for NodeAgent {
         );
         self.sandboxes.lock().await.insert(spec.sandbox_id.clone(), RunningSandbox { vm, slot, run_dir });
 
-        Ok(StartedSandbox { envd_version: manifest.envd_version.clone(), timings: timings.phases })
+        Ok(StartedSandbox { envd_version: snapshot.manifest.envd_version.clone(), timings: timings.phases })
     }
 
     async fn stop(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {

@@ -281,8 +281,8 @@ async fn boot_and_snapshot(
             Err(BuildError::HealthTimeout { .. }) if attempt < BOOT_ATTEMPTS => {
                 // Under TCG on a loaded host the guest kernel can fail its PIT calibration
                 // and stop before userspace; a fresh boot usually gets through.
-                tracing::warn!(attempt, timeout_secs = attempt_timeout.as_secs(), "build VM did not answer; booting it again");
-                report(BuildStep::Boot, format!("no answer after {} s; boot attempt {}", attempt_timeout.as_secs(), attempt + 1));
+                tracing::warn!(attempt, timeout_secs = attempt_timeout.as_secs(), "build VM did not respond; booting it again");
+                report(BuildStep::Boot, format!("no response after {} s; boot attempt {}", attempt_timeout.as_secs(), attempt + 1));
                 vm.stop().await?;
                 attempt += 1;
             }

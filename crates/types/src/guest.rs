@@ -2,7 +2,7 @@
 //!
 //! Every sandbox restores the same memory snapshot, so the guest's view of its network
 //! (its address, its gateway, both MAC addresses) must be identical in every network
-//! slot. The host tells slots apart by the address of each slot's veth pair instead.
+//! slot. The host distinguishes slots by the address of each slot's veth pair instead.
 
 use std::net::Ipv4Addr;
 

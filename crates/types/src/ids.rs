@@ -60,7 +60,7 @@ macro_rules! id_type {
                 }
             }
 
-            /// The ID as a string slice.
+            /// Returns the ID as a string slice.
             pub fn as_str(&self) -> &str {
                 &self.0
             }

@@ -49,7 +49,7 @@ impl fmt::Display for Accel {
 pub struct AccelChoice {
     /// Accelerator to use.
     pub accel: Accel,
-    /// Why it was chosen.
+    /// Reason for the choice.
     pub reason: String,
 }
 

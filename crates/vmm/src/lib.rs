@@ -36,7 +36,7 @@ pub enum DiskFormat {
     Qcow2,
 }
 
-/// Where a VM runs and what files its VMM writes.
+/// Placement of a VM: its network namespace and the directory for its VMM's files.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmPlacement {
     /// Network namespace (name under `/run/netns`) holding the tap device
@@ -143,7 +143,7 @@ pub trait Vm: Send + Sync {
 
     /// Pauses the guest and writes its device state to `vmstate`, leaving the guest
     /// paused. Guest RAM that lives in a shared memory file (a booted VM) is not copied:
-    /// the memory file holds it once the VM is stopped. A restored VM's private RAM is
+    /// the memory file contains it once the VM is stopped. A restored VM's private RAM is
     /// written into `vmstate`.
     async fn snapshot(&mut self, vmstate: &std::path::Path) -> Result<(), VmmError>;
 

@@ -49,6 +49,28 @@ impl SnapshotTemplate {
     }
 }
 
+impl SnapshotTemplate {
+    /// Creates `run_dir/disk.qcow2`, a new overlay over the template's root filesystem whose
+    /// cost does not depend on the image size, and returns it as the sandbox's disk.
+    pub fn create_disk(&self, run_dir: &Path) -> Result<DiskSpec, SandboxRestoreError> {
+        let disk = run_dir.join("disk.qcow2");
+        create_overlay(&disk, &self.paths.rootfs(), self.manifest.disk_size_bytes)?;
+        Ok(DiskSpec { path: disk, format: DiskFormat::Qcow2 })
+    }
+
+    /// Returns the restore of this snapshot with `disk`, in `slot`, writing its files to
+    /// `run_dir`.
+    pub fn restore_spec(&self, disk: DiskSpec, slot: &Slot, run_dir: &Path) -> RestoreSpec {
+        RestoreSpec {
+            machine: MachineSize { vcpus: self.manifest.vcpus, memory_mib: self.manifest.memory_mib },
+            memory_file: self.paths.memory(),
+            vmstate: self.paths.vmstate(),
+            disk,
+            placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: run_dir.to_owned() },
+        }
+    }
+}
+
 /// Restores `template`'s snapshot into a new sandbox whose files go to `run_dir` (created
 /// if missing), attached to `slot`'s tap device, and returns the running VM.
 ///
@@ -63,18 +85,7 @@ pub async fn restore_sandbox(
     std::fs::create_dir_all(run_dir)
         .map_err(|source| SandboxRestoreError::RunDir { path: run_dir.to_owned(), source })?;
 
-    let disk = run_dir.join("disk.qcow2");
-    create_overlay(&disk, &template.paths.rootfs(), template.manifest.disk_size_bytes)?;
-
-    let spec = RestoreSpec {
-        machine: MachineSize {
-            vcpus: template.manifest.vcpus,
-            memory_mib: template.manifest.memory_mib,
-        },
-        memory_file: template.paths.memory(),
-        vmstate: template.paths.vmstate(),
-        disk: DiskSpec { path: disk, format: DiskFormat::Qcow2 },
-        placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: run_dir.to_owned() },
-    };
+    let disk = template.create_disk(run_dir)?;
+    let spec = template.restore_spec(disk, slot, run_dir);
     Ok(driver.restore_vm(&spec).await?)
 }

@@ -406,8 +406,8 @@ fn listed_sandbox(record: &SandboxRecord) -> ListedSandbox {
     }
 }
 
-/// The `Server-Timing` header of a create response: how long restoring the VMM, waiting
-/// for envd and the rest took, so clients and benchmarks can tell Hearth's share apart.
+/// Builds the `Server-Timing` header of a create response. It lists each phase's duration,
+/// so clients and benchmarks can tell Hearth's share from the VMM's restore.
 fn server_timing_header(timing: &ServerTiming) -> [(HeaderName, String); 1] {
     [(HeaderName::from_static("server-timing"), timing.header_value())]
 }
