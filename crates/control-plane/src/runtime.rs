@@ -40,6 +40,24 @@ pub struct StartedSandbox {
     pub timings: Vec<(&'static str, std::time::Duration)>,
 }
 
+/// What a pause wrote.
+#[derive(Clone, Debug)]
+pub struct PausedSandbox {
+    /// Bytes the pause wrote (memory and device state).
+    pub bytes_written: u64,
+    /// Durations of the pause's phases, in order.
+    pub timings: Vec<(&'static str, std::time::Duration)>,
+}
+
+/// A named snapshot to write from a running sandbox: a new template build.
+#[derive(Clone, Debug)]
+pub struct SnapshotSpec {
+    /// Template ID of the snapshot.
+    pub template_id: TemplateId,
+    /// Build ID of the snapshot.
+    pub build_id: BuildId,
+}
+
 /// Errors a node agent reports to the control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -55,6 +73,16 @@ pub enum RuntimeError {
     /// Starting or stopping failed. The message names the failed step.
     #[error("{0}")]
     Failed(String),
+    /// A pause (or a snapshot) failed and the sandbox still runs and answers.
+    #[error("{0}; the sandbox is still running")]
+    PauseFailedRunning(String),
+    /// A pause (or a snapshot) failed and the sandbox could not be kept running: it was
+    /// stopped and its files removed.
+    #[error("{0}; the sandbox was stopped")]
+    PauseFailedKilled(String),
+    /// The paused sandbox has no usable paused state on this node.
+    #[error("paused sandbox {sandbox_id} cannot be resumed: {reason}")]
+    PausedStateUnusable { sandbox_id: SandboxId, reason: String },
 }
 
 /// Runs sandboxes on a node.
@@ -68,4 +96,31 @@ pub trait SandboxRuntime: Send + Sync + 'static {
 
     /// IDs of the sandboxes running on this node, for reconciliation after a restart.
     async fn running(&self) -> Vec<SandboxId>;
+
+    /// Writes the sandbox's memory, device state and disk next to the template's and stops
+    /// its VM. On error the sandbox either still runs ([`RuntimeError::PauseFailedRunning`])
+    /// or was stopped ([`RuntimeError::PauseFailedKilled`]); it is never left frozen.
+    async fn pause(&self, sandbox_id: &SandboxId) -> Result<PausedSandbox, RuntimeError>;
+
+    /// Restores a paused sandbox and initialises envd again (clock, env vars, token).
+    /// On error the sandbox stays paused with its files untouched.
+    async fn resume(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError>;
+
+    /// Deletes a paused sandbox's files.
+    async fn discard_paused(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError>;
+
+    /// IDs of the paused sandboxes whose state is complete on this node.
+    async fn paused(&self) -> Vec<SandboxId>;
+
+    /// Checkpoints a running sandbox (it keeps running) into a new template build.
+    async fn snapshot(&self, sandbox_id: &SandboxId, target: SnapshotSpec) -> Result<(), RuntimeError>;
+
+    /// Checkpoints a running sandbox once (it keeps running) and starts one sandbox per
+    /// entry of `forks` from that checkpoint. The outer error fails all forks; each fork
+    /// succeeds or fails on its own.
+    async fn fork(
+        &self,
+        sandbox_id: &SandboxId,
+        forks: Vec<SandboxSpec>,
+    ) -> Result<Vec<Result<StartedSandbox, RuntimeError>>, RuntimeError>;
 }

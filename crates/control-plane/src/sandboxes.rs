@@ -375,7 +375,7 @@ fn start_error(err: &RuntimeError) -> ApiError {
             format!("failed to start sandbox: {err}"),
         )
         .with_error_code("sandbox_create_refused"),
-        RuntimeError::NotFound(_) | RuntimeError::Failed(_) => ApiError::new(
+        _ => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("failed to start sandbox: {err}"),
         )

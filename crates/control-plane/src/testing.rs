@@ -7,13 +7,26 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use hearth_types::SandboxId;
 
-use crate::runtime::{RuntimeError, SandboxRuntime, SandboxSpec, StartedSandbox};
+use crate::runtime::{PausedSandbox, RuntimeError, SandboxRuntime, SandboxSpec, SnapshotSpec, StartedSandbox};
 
 /// One call the control plane made.
 #[derive(Clone, Debug)]
 pub enum RuntimeCall {
     Start(SandboxSpec),
     Stop(SandboxId),
+    Pause(SandboxId),
+    Resume(SandboxSpec),
+    Snapshot(SandboxId, SnapshotSpec),
+    Fork(SandboxId, Vec<SandboxSpec>),
+}
+
+/// How the next pauses of a [`RecordingRuntime`] fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseFailure {
+    /// The pause fails and the sandbox keeps running.
+    KeepsRunning,
+    /// The pause fails and the sandbox is stopped.
+    Killed,
 }
 
 /// Records calls and keeps the set of "running" sandbox IDs.
@@ -21,8 +34,11 @@ pub enum RuntimeCall {
 pub struct RecordingRuntime {
     calls: Mutex<Vec<RuntimeCall>>,
     running: Mutex<BTreeSet<SandboxId>>,
+    paused: Mutex<BTreeSet<SandboxId>>,
     /// When set, `start` fails with this error message.
     fail_starts_with: Mutex<Option<String>>,
+    /// When set, `pause` fails this way.
+    fail_pauses: Mutex<Option<PauseFailure>>,
 }
 
 impl RecordingRuntime {
@@ -43,6 +59,16 @@ impl RecordingRuntime {
         *self.fail_starts_with.lock().unwrap() = message.map(str::to_owned);
     }
 
+    /// Makes every later `pause` fail as given, or succeed again with `None`.
+    pub fn fail_pauses(&self, failure: Option<PauseFailure>) {
+        *self.fail_pauses.lock().unwrap() = failure;
+    }
+
+    /// Whether the runtime holds `sandbox_id` paused.
+    pub fn is_paused(&self, sandbox_id: &SandboxId) -> bool {
+        self.paused.lock().unwrap().contains(sandbox_id)
+    }
+
     /// Calls made so far, in order.
     pub fn calls(&self) -> Vec<RuntimeCall> {
         self.calls.lock().unwrap().clone()
@@ -54,7 +80,7 @@ impl RecordingRuntime {
             .into_iter()
             .filter_map(|call| match call {
                 RuntimeCall::Start(spec) => Some(spec),
-                RuntimeCall::Stop(_) => None,
+                _ => None,
             })
             .collect()
     }
@@ -65,7 +91,7 @@ impl RecordingRuntime {
             .into_iter()
             .filter_map(|call| match call {
                 RuntimeCall::Stop(id) => Some(id),
-                RuntimeCall::Start(_) => None,
+                _ => None,
             })
             .collect()
     }
@@ -107,5 +133,73 @@ impl SandboxRuntime for RecordingRuntime {
 
     async fn running(&self) -> Vec<SandboxId> {
         self.running.lock().unwrap().iter().cloned().collect()
+    }
+
+    async fn pause(&self, sandbox_id: &SandboxId) -> Result<PausedSandbox, RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Pause(sandbox_id.clone()));
+        if !self.running.lock().unwrap().contains(sandbox_id) {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        }
+        match *self.fail_pauses.lock().unwrap() {
+            Some(PauseFailure::KeepsRunning) => {
+                return Err(RuntimeError::PauseFailedRunning("injected pause failure".into()))
+            }
+            Some(PauseFailure::Killed) => {
+                self.running.lock().unwrap().remove(sandbox_id);
+                return Err(RuntimeError::PauseFailedKilled("injected pause failure".into()));
+            }
+            None => {}
+        }
+        self.running.lock().unwrap().remove(sandbox_id);
+        self.paused.lock().unwrap().insert(sandbox_id.clone());
+        Ok(PausedSandbox { bytes_written: 0, timings: Vec::new() })
+    }
+
+    async fn resume(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Resume(spec.clone()));
+        if !self.paused.lock().unwrap().remove(&spec.sandbox_id) {
+            return Err(RuntimeError::PausedStateUnusable {
+                sandbox_id: spec.sandbox_id,
+                reason: "not paused in this runtime".into(),
+            });
+        }
+        self.running.lock().unwrap().insert(spec.sandbox_id);
+        Ok(StartedSandbox { envd_version: hearth_types::ENVD_VERSION.to_owned(), timings: Vec::new() })
+    }
+
+    async fn discard_paused(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {
+        self.paused.lock().unwrap().remove(sandbox_id);
+        Ok(())
+    }
+
+    async fn paused(&self) -> Vec<SandboxId> {
+        self.paused.lock().unwrap().iter().cloned().collect()
+    }
+
+    async fn snapshot(&self, sandbox_id: &SandboxId, target: SnapshotSpec) -> Result<(), RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Snapshot(sandbox_id.clone(), target));
+        if !self.running.lock().unwrap().contains(sandbox_id) {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        }
+        Ok(())
+    }
+
+    async fn fork(
+        &self,
+        sandbox_id: &SandboxId,
+        forks: Vec<SandboxSpec>,
+    ) -> Result<Vec<Result<StartedSandbox, RuntimeError>>, RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Fork(sandbox_id.clone(), forks.clone()));
+        if !self.running.lock().unwrap().contains(sandbox_id) {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        }
+        let mut running = self.running.lock().unwrap();
+        Ok(forks
+            .into_iter()
+            .map(|spec| {
+                running.insert(spec.sandbox_id);
+                Ok(StartedSandbox { envd_version: hearth_types::ENVD_VERSION.to_owned(), timings: Vec::new() })
+            })
+            .collect())
     }
 }

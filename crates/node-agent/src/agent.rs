@@ -1,17 +1,22 @@
 //! [`NodeAgent`]: sandbox start and stop on this host.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use hearth_control_plane::runtime::{RuntimeError, SandboxRuntime, SandboxSpec, StartedSandbox};
+use hearth_control_plane::runtime::{
+    PausedSandbox, RuntimeError, SandboxRuntime, SandboxSpec, SnapshotSpec, StartedSandbox,
+};
 use hearth_network::{PoolError, Slot, SlotPool};
 use hearth_proxy::{Route, RouteTable};
-use hearth_storage::DataDir;
+use hearth_storage::{DataDir, PauseRecord, SandboxPaths, SnapshotOrigin, TemplateManifest, PAUSE_FORMAT_VERSION};
 use hearth_types::{BuildId, SandboxId, TemplateId};
-use hearth_vmm::{SnapshotTemplate, Vm, VmmDriver};
+use hearth_vmm::{
+    DiskFormat, DiskSpec, MachineSize, RestoreSpec, SnapshotMemory, SnapshotTarget, SnapshotTemplate, Vm, VmPlacement,
+    VmmDriver,
+};
 
 use crate::envd_client::{EnvdClient, InitRequest};
 use crate::routes::Routes;
@@ -43,7 +48,23 @@ struct RunningSandbox {
     vm: Box<dyn Vm>,
     slot: Slot,
     run_dir: PathBuf,
+    /// The template build it started from (through any number of pauses).
+    template: Arc<SnapshotTemplate>,
+    template_id: TemplateId,
+    build_id: BuildId,
+    /// The sandbox's own disk.
+    disk: DiskSpec,
+    /// Memory file the VM maps copy-on-write. A diff snapshot is possible only when it
+    /// is the sandbox's own paused memory file.
+    memory_file: PathBuf,
+    /// Pauses so far.
+    generation: u32,
+    envd_version: String,
 }
+
+/// A sandbox's entry: `None` once a pause or stop has ended it, so a request that waited
+/// for the lock sees that it is gone.
+type SandboxCell = Arc<tokio::sync::Mutex<Option<RunningSandbox>>>;
 
 /// Runs sandboxes on this host: implements the control plane's [`SandboxRuntime`] and the
 /// proxy's [`RouteTable`].
@@ -53,7 +74,7 @@ pub struct NodeAgent {
     slots: SlotPool,
     envd: EnvdClient,
     routes: Routes,
-    sandboxes: tokio::sync::Mutex<HashMap<SandboxId, RunningSandbox>>,
+    sandboxes: Mutex<HashMap<SandboxId, SandboxCell>>,
     /// Template builds already loaded, so a start reads no file for them.
     snapshots: Mutex<HashMap<(TemplateId, BuildId), Arc<SnapshotTemplate>>>,
 }
@@ -81,34 +102,53 @@ impl NodeAgent {
             slots,
             envd: EnvdClient::new(),
             routes: Routes::default(),
-            sandboxes: tokio::sync::Mutex::new(HashMap::new()),
+            sandboxes: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Removes the run directories that an earlier run of this server left behind. No
-    /// sandbox survives a restart (its VMM dies with the server), so at start-up every run
-    /// directory is stale. Call it before the first start.
-    pub fn sweep_run_dirs(&self) {
+    /// Cleans the sandbox directories an earlier run of this server left behind and
+    /// returns the paused sandboxes among them. A running sandbox does not survive a
+    /// restart (its VMM dies with the server), so the run directory of every sandbox
+    /// without a complete pause record is removed. Call it before the first start.
+    pub fn recover(&self) -> Vec<SandboxId> {
         let dir = self.config.data_dir.sandboxes_dir();
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
             Err(err) => {
-                tracing::error!(path = %dir.display(), error = %err, "failed to list sandbox run directories");
-                return;
+                tracing::error!(path = %dir.display(), error = %err, "failed to list sandbox directories");
+                return Vec::new();
             }
         };
+        let mut paused = Vec::new();
         let mut removed = 0;
         for entry in entries.flatten() {
-            match std::fs::remove_dir_all(entry.path()) {
-                Ok(()) => removed += 1,
-                Err(err) => tracing::error!(path = %entry.path().display(), error = %err, "failed to remove a stale sandbox run directory"),
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let paths = SandboxPaths::new(entry.path());
+            let record = SandboxId::parse(&name).ok().and_then(|id| match PauseRecord::load(&paths.pause_record()) {
+                Ok(record) if record.sandbox_id == id.as_str() => Some(id),
+                Ok(_) => None,
+                Err(err) => {
+                    if paths.paused_dir().exists() {
+                        tracing::error!(sandbox_id = %name, error = %err, "paused state is incomplete; removing it");
+                    }
+                    None
+                }
+            });
+            match record {
+                Some(id) => paused.push(id),
+                None => match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) => tracing::error!(path = %entry.path().display(), error = %err, "failed to remove a stale sandbox directory"),
+                },
             }
         }
-        if removed > 0 {
-            tracing::info!(removed, "removed run directories of sandboxes from an earlier run");
+        if removed > 0 || !paused.is_empty() {
+            tracing::info!(removed, paused = paused.len(), "cleaned sandbox directories of an earlier run");
         }
+        paused.sort();
+        paused
     }
 
     /// Returns the slot pool, for metrics and template builds.
@@ -116,11 +156,11 @@ impl NodeAgent {
         &self.slots
     }
 
-    /// Stops every sandbox and deletes every network slot of this instance. Called when
-    /// the server stops, after the control plane has stopped accepting creates.
+    /// Stops every running sandbox and deletes every network slot of this instance.
+    /// Paused sandboxes keep their files. Called when the server stops, after the control
+    /// plane has stopped accepting creates.
     pub async fn shutdown(&self) -> Result<(), NodeError> {
-        let ids: Vec<SandboxId> = self.sandboxes.lock().await.keys().cloned().collect();
-        for sandbox_id in ids {
+        for sandbox_id in self.running().await {
             if let Err(err) = self.stop(&sandbox_id).await {
                 tracing::error!(sandbox_id = %sandbox_id, error = %err, "failed to stop a sandbox during shutdown");
             }
@@ -136,56 +176,83 @@ impl NodeAgent {
     }
 
     /// Returns the template build's snapshot, loading and checking it on first use only.
-    fn snapshot(&self, template_id: &TemplateId, build_id: &BuildId) -> Result<Arc<SnapshotTemplate>, RuntimeError> {
+    fn snapshot_template(&self, template_id: &TemplateId, build_id: &BuildId) -> Result<Arc<SnapshotTemplate>, RuntimeError> {
         let key = (template_id.clone(), build_id.clone());
         if let Some(snapshot) = self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(snapshot.clone());
         }
 
+        let unavailable = || RuntimeError::TemplateUnavailable { template_id: template_id.clone(), build_id: build_id.clone() };
         let dir = self.config.data_dir.template_build(template_id, build_id);
         let snapshot = SnapshotTemplate::load(dir.dir()).map_err(|err| {
             tracing::error!(template_id = %template_id, build_id = %build_id, error = %err, "template build is not usable");
-            RuntimeError::TemplateUnavailable { template_id: template_id.clone(), build_id: build_id.clone() }
+            unavailable()
         })?;
+        if snapshot.vmm() != Some(self.driver.kind()) {
+            tracing::error!(
+                template_id = %template_id, build_id = %build_id,
+                snapshot_vmm = %snapshot.manifest.vmm, driver = %self.driver.kind(),
+                "template build was snapshotted by another VMM"
+            );
+            return Err(unavailable());
+        }
         let snapshot = Arc::new(snapshot);
         self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(key, snapshot.clone());
         Ok(snapshot)
     }
 
-    /// Restores the VM and initialises envd in an acquired slot. On error the caller
-    /// releases the slot; this function stops the VM it started.
-    async fn start_in_slot(
+    fn cell(&self, sandbox_id: &SandboxId) -> Option<SandboxCell> {
+        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).get(sandbox_id).cloned()
+    }
+
+    fn insert_running(&self, sandbox_id: &SandboxId, sandbox: RunningSandbox) {
+        self.routes.insert(
+            sandbox_id.as_str(),
+            Route { address: sandbox.slot.guest_route_ip, traffic_access_token: None },
+        );
+        let cell = Arc::new(tokio::sync::Mutex::new(Some(sandbox)));
+        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).insert(sandbox_id.clone(), cell);
+    }
+
+    fn forget(&self, sandbox_id: &SandboxId) {
+        self.routes.remove(sandbox_id.as_str());
+        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).remove(sandbox_id);
+    }
+
+    /// Acquires a slot, restores `restore` (with its placement set to the slot and
+    /// `run_dir`) and initialises envd. On error everything it took is released and the
+    /// VM stopped; files are left to the caller.
+    async fn restore_in_new_slot(
         &self,
         spec: &SandboxSpec,
-        snapshot: &SnapshotTemplate,
-        slot: &Slot,
-        run_dir: &std::path::Path,
+        mut restore: RestoreSpec,
+        run_dir: &Path,
         timings: &mut StartTimings,
-        mut mark: Instant,
-    ) -> Result<Box<dyn Vm>, RuntimeError> {
-        let disk = snapshot
-            .create_disk(run_dir)
-            .map_err(|err| RuntimeError::Failed(format!("failed to create the sandbox disk: {err}")))?;
-        mark = timings.record("disk", mark);
-
-        let restore = snapshot.restore_spec(disk, slot, run_dir);
-        let mut vm = self
-            .driver
-            .restore(&restore)
-            .await
-            .map_err(|err| RuntimeError::Failed(format!("failed to restore the template snapshot: {err}")))?;
-        mark = timings.record("vmm_restore", mark);
-
-        if let Err(err) = self.init_guest(spec, slot, timings, mark).await {
+        started: Instant,
+    ) -> Result<(Box<dyn Vm>, Slot), RuntimeError> {
+        let slot = self.slots.acquire().await.map_err(|err| RuntimeError::Capacity(err.to_string()))?;
+        let mark = timings.record("slot", started);
+        restore.placement = VmPlacement { netns: Some(slot.netns.clone()), run_dir: run_dir.to_owned() };
+        let mut vm = match self.driver.restore(&restore).await {
+            Ok(vm) => vm,
+            Err(err) => {
+                self.release_slot(&spec.sandbox_id, slot).await;
+                return Err(RuntimeError::Failed(format!("failed to restore the snapshot: {err}")));
+            }
+        };
+        let mark = timings.record("vmm_restore", mark);
+        if let Err(err) = self.init_guest(spec, &slot, timings, mark).await {
             if let Err(stop_err) = vm.stop().await {
                 tracing::error!(sandbox_id = %spec.sandbox_id, error = %stop_err, "failed to stop the VM of a failed start");
             }
+            self.release_slot(&spec.sandbox_id, slot).await;
             return Err(err);
         }
-        Ok(vm)
+        Ok((vm, slot))
     }
 
-    /// Applies the egress rule and initialises envd once it accepts connections.
+    /// Applies the egress rule and initialises envd once it accepts connections. The
+    /// init sets the guest's wall clock to the host's.
     async fn init_guest(
         &self,
         spec: &SandboxSpec,
@@ -206,7 +273,7 @@ impl NodeAgent {
         let request = InitRequest {
             env_vars: &spec.env_vars,
             access_token: spec.envd_access_token.as_deref(),
-            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            timestamp: String::new(),
             default_user: DEFAULT_USER,
             default_workdir: DEFAULT_WORKDIR,
         };
@@ -223,6 +290,211 @@ impl NodeAgent {
             tracing::error!(sandbox_id = %sandbox_id, error = %err, "failed to release a network slot");
         }
     }
+
+    /// Stops a sandbox whose VM cannot be kept and removes everything it used.
+    async fn destroy(&self, sandbox_id: &SandboxId, mut sandbox: RunningSandbox) {
+        if let Err(err) = sandbox.vm.stop().await {
+            tracing::error!(sandbox_id = %sandbox_id, error = %err, "failed to stop the VMM");
+        }
+        self.release_slot(sandbox_id, sandbox.slot).await;
+        remove_dir(sandbox_id, &sandbox.run_dir);
+    }
+
+    /// After a failed snapshot: runs the guest again and checks that envd answers. On
+    /// success the sandbox is put back; otherwise it is destroyed. Returns the error to report.
+    async fn recover_from_failed_snapshot(
+        &self,
+        sandbox_id: &SandboxId,
+        mut sandbox: RunningSandbox,
+        slot_guard: &mut Option<RunningSandbox>,
+        reason: String,
+    ) -> RuntimeError {
+        let resumed = match sandbox.vm.resume().await {
+            Ok(()) => self.envd.health(sandbox.slot.guest_route_ip, Duration::from_secs(10)).await.map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        match resumed {
+            Ok(()) => {
+                tracing::warn!(sandbox_id = %sandbox_id, reason = %reason, "snapshot failed; the sandbox runs on");
+                *slot_guard = Some(sandbox);
+                RuntimeError::PauseFailedRunning(reason)
+            }
+            Err(resume_err) => {
+                tracing::error!(sandbox_id = %sandbox_id, reason = %reason, resume_error = %resume_err, "snapshot failed and the guest cannot run again; stopping it");
+                self.forget(sandbox_id);
+                self.destroy(sandbox_id, sandbox).await;
+                RuntimeError::PauseFailedKilled(format!("{reason}; running the guest again failed: {resume_err}"))
+            }
+        }
+    }
+
+    /// Checkpoints a running sandbox into `dir`: memory and device state through the VMM,
+    /// and a copy of its disk as `disk_name`. The guest is paused while this runs and
+    /// runs again afterwards unless `keep_paused`. Returns what was written, or the
+    /// error (the sandbox is then running, or destroyed).
+    async fn checkpoint(
+        &self,
+        sandbox_id: &SandboxId,
+        guard: &mut Option<RunningSandbox>,
+        dir: &Path,
+        copy_disk_as: Option<&str>,
+        diff: bool,
+        keep_paused: bool,
+    ) -> Result<Checkpoint, RuntimeError> {
+        let mut sandbox = guard.take().ok_or_else(|| RuntimeError::NotFound(sandbox_id.clone()))?;
+        let target = SnapshotTarget {
+            vmstate: dir.join("vmstate"),
+            memory: if diff { sandbox.memory_file.clone() } else { dir.join("memory") },
+            diff,
+        };
+        let written = async {
+            std::fs::create_dir_all(dir).map_err(|err| format!("failed to create {}: {err}", dir.display()))?;
+            let report = sandbox.vm.snapshot(&target).await.map_err(|err| format!("snapshot failed: {err}"))?;
+            let disk_copy = match copy_disk_as {
+                Some(name) => {
+                    let to = dir.join(name);
+                    let from = sandbox.disk.path.clone();
+                    let copied = to.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = std::fs::remove_file(&copied);
+                        hearth_storage::clone_sparse(&from, &copied).and_then(|bytes| {
+                            hearth_storage::durable::sync_file(&copied)?;
+                            Ok(bytes)
+                        })
+                    })
+                    .await
+                    .map_err(|err| format!("disk copy task failed: {err}"))?
+                    .map_err(|err| format!("failed to copy the disk to {}: {err}", to.display()))?;
+                    Some(to)
+                }
+                None => None,
+            };
+            Ok::<_, String>((report, disk_copy))
+        }
+        .await;
+        let (report, disk_copy) = match written {
+            Ok(written) => written,
+            Err(reason) => {
+                // Partial files are useless; a diff target is the VM's own memory, which stays.
+                let _ = std::fs::remove_file(&target.vmstate);
+                if !diff {
+                    let _ = std::fs::remove_file(&target.memory);
+                }
+                return Err(self.recover_from_failed_snapshot(sandbox_id, sandbox, guard, reason).await);
+            }
+        };
+        let memory_file = match report.memory {
+            SnapshotMemory::InVmstate => sandbox.template.memory_file(),
+            SnapshotMemory::InMemoryFile => target.memory.clone(),
+        };
+        let checkpoint = Checkpoint {
+            vmstate: target.vmstate.clone(),
+            memory_file,
+            own_memory: report.memory == SnapshotMemory::InMemoryFile,
+            disk_copy,
+            bytes_written: report.bytes_written,
+        };
+        if !keep_paused {
+            if let Err(err) = sandbox.vm.resume().await {
+                let reason = format!("the guest did not run again after the checkpoint: {err}");
+                return Err(self.recover_from_failed_snapshot(sandbox_id, sandbox, guard, reason).await);
+            }
+        }
+        *guard = Some(sandbox);
+        Ok(checkpoint)
+    }
+
+    /// Creates a sandbox from a checkpoint: its own disk copied from `disk`, a restore of
+    /// `vmstate` over `memory_file`.
+    async fn start_from_checkpoint(
+        &self,
+        spec: SandboxSpec,
+        template: Arc<SnapshotTemplate>,
+        checkpoint: &Checkpoint,
+    ) -> Result<StartedSandbox, RuntimeError> {
+        let started = Instant::now();
+        let mut timings = StartTimings::default();
+        let run_dir = self.config.data_dir.sandbox(&spec.sandbox_id).dir().to_path_buf();
+        let disk_from = checkpoint.disk_copy.clone().ok_or_else(|| RuntimeError::Failed("checkpoint has no disk".into()))?;
+        let disk_format = self.driver.kind().sandbox_disk_format();
+        let disk = DiskSpec {
+            path: run_dir.join(match disk_format {
+                DiskFormat::Qcow2 => "disk.qcow2",
+                DiskFormat::Raw => "disk.raw",
+            }),
+            format: disk_format,
+        };
+        let disk_to = disk.path.clone();
+        let dir = run_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            hearth_storage::clone_sparse(&disk_from, &disk_to)
+        })
+        .await
+        .map_err(|err| RuntimeError::Failed(format!("disk copy task failed: {err}")))?
+        .map_err(|err| {
+            remove_dir(&spec.sandbox_id, &run_dir);
+            RuntimeError::Failed(format!("failed to copy the parent's disk: {err}"))
+        })?;
+        let mark = timings.record("disk", started);
+        let restore = RestoreSpec {
+            machine: MachineSize { vcpus: template.manifest.vcpus, memory_mib: template.manifest.memory_mib },
+            memory_file: checkpoint.memory_file.clone(),
+            vmstate: checkpoint.vmstate.clone(),
+            disk: disk.clone(),
+            placement: VmPlacement { netns: None, run_dir: run_dir.clone() },
+        };
+        let (vm, slot) = match self.restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark).await {
+            Ok(started) => started,
+            Err(err) => {
+                remove_dir(&spec.sandbox_id, &run_dir);
+                return Err(err);
+            }
+        };
+        let envd_version = template.manifest.envd_version.clone();
+        tracing::info!(sandbox_id = %spec.sandbox_id, vmm_pid = vm.pid(), start_ms = started.elapsed().as_secs_f64() * 1000.0, "sandbox started from a checkpoint");
+        self.insert_running(
+            &spec.sandbox_id,
+            RunningSandbox {
+                vm,
+                slot,
+                run_dir,
+                template,
+                template_id: spec.template_id.clone(),
+                build_id: spec.build_id.clone(),
+                disk,
+                memory_file: checkpoint.memory_file.clone(),
+                generation: 0,
+                envd_version: envd_version.clone(),
+            },
+        );
+        Ok(StartedSandbox { envd_version, timings: timings.phases })
+    }
+}
+
+/// Files a checkpoint wrote.
+struct Checkpoint {
+    vmstate: PathBuf,
+    /// Memory file a restore maps.
+    memory_file: PathBuf,
+    /// Whether `memory_file` is the checkpoint's own file (not the template's).
+    own_memory: bool,
+    disk_copy: Option<PathBuf>,
+    bytes_written: u64,
+}
+
+fn disk_format_name(format: DiskFormat) -> &'static str {
+    match format {
+        DiskFormat::Qcow2 => "qcow2",
+        DiskFormat::Raw => "raw",
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[async_trait]
@@ -230,8 +502,8 @@ impl SandboxRuntime for NodeAgent {
     async fn start(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError> {
         let started = Instant::now();
         let mut timings = StartTimings::default();
-        let snapshot = self.snapshot(&spec.template_id, &spec.build_id)?;
-        let manifest = &snapshot.manifest;
+        let template = self.snapshot_template(&spec.template_id, &spec.build_id)?;
+        let manifest = &template.manifest;
         if manifest.vcpus != spec.vcpus || manifest.memory_mib != spec.memory_mib {
             tracing::warn!(
                 sandbox_id = %spec.sandbox_id,
@@ -241,28 +513,34 @@ impl SandboxRuntime for NodeAgent {
             );
         }
 
-        let slot = self.slots.acquire().await.map_err(|err| RuntimeError::Capacity(err.to_string()))?;
-        let mark = timings.record("slot", started);
-
         let run_dir = self.config.data_dir.sandbox(&spec.sandbox_id).dir().to_path_buf();
         if let Err(err) = std::fs::create_dir_all(&run_dir) {
-            self.release_slot(&spec.sandbox_id, slot).await;
             return Err(RuntimeError::Failed(format!("failed to create run directory {}: {err}", run_dir.display())));
         }
-
-        let vm = match self.start_in_slot(&spec, &snapshot, &slot, &run_dir, &mut timings, mark).await {
-            Ok(vm) => vm,
+        let disk = match template.create_disk(&run_dir, self.driver.kind()) {
+            Ok(disk) => disk,
             Err(err) => {
-                self.release_slot(&spec.sandbox_id, slot).await;
-                remove_run_dir(&spec.sandbox_id, &run_dir);
+                remove_dir(&spec.sandbox_id, &run_dir);
+                return Err(RuntimeError::Failed(format!("failed to create the sandbox disk: {err}")));
+            }
+        };
+        let mark = timings.record("disk", started);
+        // A placeholder slot: restore_in_new_slot sets the real placement.
+        let restore = RestoreSpec {
+            machine: MachineSize { vcpus: manifest.vcpus, memory_mib: manifest.memory_mib },
+            memory_file: template.memory_file(),
+            vmstate: template.paths.vmstate(),
+            disk: disk.clone(),
+            placement: VmPlacement { netns: None, run_dir: run_dir.clone() },
+        };
+        let (vm, slot) = match self.restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark).await {
+            Ok(started) => started,
+            Err(err) => {
+                remove_dir(&spec.sandbox_id, &run_dir);
                 return Err(err);
             }
         };
 
-        self.routes.insert(
-            spec.sandbox_id.as_str(),
-            Route { address: slot.guest_route_ip, traffic_access_token: None },
-        );
         tracing::info!(
             sandbox_id = %spec.sandbox_id,
             template_id = %spec.template_id,
@@ -271,29 +549,364 @@ impl SandboxRuntime for NodeAgent {
             start_ms = started.elapsed().as_secs_f64() * 1000.0,
             "sandbox started"
         );
-        self.sandboxes.lock().await.insert(spec.sandbox_id.clone(), RunningSandbox { vm, slot, run_dir });
-
-        Ok(StartedSandbox { envd_version: snapshot.manifest.envd_version.clone(), timings: timings.phases })
+        let envd_version = template.manifest.envd_version.clone();
+        let memory_file = template.memory_file();
+        self.insert_running(
+            &spec.sandbox_id,
+            RunningSandbox {
+                vm,
+                slot,
+                run_dir,
+                template,
+                template_id: spec.template_id.clone(),
+                build_id: spec.build_id.clone(),
+                disk,
+                memory_file,
+                generation: 0,
+                envd_version: envd_version.clone(),
+            },
+        );
+        Ok(StartedSandbox { envd_version, timings: timings.phases })
     }
 
     async fn stop(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {
-        let Some(mut sandbox) = self.sandboxes.lock().await.remove(sandbox_id) else {
+        let Some(cell) = self.cell(sandbox_id) else {
             return Err(RuntimeError::NotFound(sandbox_id.clone()));
         };
-        self.routes.remove(sandbox_id.as_str());
+        let mut guard = cell.lock().await;
+        let Some(mut sandbox) = guard.take() else {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        };
+        self.forget(sandbox_id);
 
         let stopped = sandbox.vm.stop().await;
         if let Err(err) = &stopped {
             tracing::error!(sandbox_id = %sandbox_id, error = %err, "failed to stop the VMM");
         }
         self.release_slot(sandbox_id, sandbox.slot).await;
-        remove_run_dir(sandbox_id, &sandbox.run_dir);
+        remove_dir(sandbox_id, &sandbox.run_dir);
         tracing::info!(sandbox_id = %sandbox_id, "sandbox stopped");
         stopped.map_err(|err| RuntimeError::Failed(format!("failed to stop the VMM: {err}")))
     }
 
     async fn running(&self) -> Vec<SandboxId> {
-        self.sandboxes.lock().await.keys().cloned().collect()
+        let mut ids: Vec<SandboxId> = self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    async fn pause(&self, sandbox_id: &SandboxId) -> Result<PausedSandbox, RuntimeError> {
+        let started = Instant::now();
+        let Some(cell) = self.cell(sandbox_id) else {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        };
+        let mut guard = cell.lock().await;
+        let Some(current) = guard.as_ref() else {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        };
+        let paths = SandboxPaths::new(&current.run_dir);
+        let paused_dir = paths.paused_dir();
+        let diff = current.memory_file == paused_dir.join("memory");
+        let mut timings = StartTimings::default();
+
+        let checkpoint = self.checkpoint(sandbox_id, &mut guard, &paused_dir, None, diff, true).await?;
+        let mark = timings.record("snapshot", started);
+        let mut sandbox = guard.take().expect("checkpoint puts the sandbox back on success");
+
+        // The record goes last: the sandbox is paused on disk once it exists.
+        let mut files = vec![checkpoint.vmstate.clone()];
+        if checkpoint.own_memory {
+            files.push(checkpoint.memory_file.clone());
+        }
+        let record = async {
+            let sizes = files
+                .iter()
+                .map(|file| std::fs::metadata(file).map(|meta| (file.clone(), meta.len())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let record = PauseRecord {
+                format_version: PAUSE_FORMAT_VERSION,
+                sandbox_id: sandbox_id.to_string(),
+                template_id: sandbox.template_id.to_string(),
+                build_id: sandbox.build_id.to_string(),
+                vmm: self.driver.kind().as_str().into(),
+                vcpus: sandbox.template.manifest.vcpus,
+                memory_mib: sandbox.template.manifest.memory_mib,
+                memory_file: checkpoint.memory_file.clone(),
+                vmstate_file: checkpoint.vmstate.clone(),
+                disk_file: sandbox.disk.path.clone(),
+                disk_format: disk_format_name(sandbox.disk.format).into(),
+                files: sizes,
+                bytes_written: checkpoint.bytes_written,
+                generation: sandbox.generation + 1,
+                paused_at_unix_ms: unix_ms(),
+                envd_version: sandbox.envd_version.clone(),
+            };
+            record.store(&paths.pause_record()).map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>(record)
+        }
+        .await;
+        let record = match record {
+            Ok(record) => record,
+            Err(err) => {
+                let _ = std::fs::remove_file(&checkpoint.vmstate);
+                let reason = format!("failed to record the paused state: {err}");
+                return Err(self.recover_from_failed_snapshot(sandbox_id, sandbox, &mut guard, reason).await);
+            }
+        };
+        let mark = timings.record("record", mark);
+
+        self.forget(sandbox_id);
+        if let Err(err) = sandbox.vm.stop().await {
+            tracing::error!(sandbox_id = %sandbox_id, error = %err, "failed to stop the VMM of a paused sandbox");
+        }
+        // The VMM flushed the disk before the snapshot; make that durable too.
+        if let Err(err) = hearth_storage::durable::sync_file(&sandbox.disk.path) {
+            tracing::warn!(sandbox_id = %sandbox_id, error = %err, "failed to flush the paused sandbox's disk");
+        }
+        self.release_slot(sandbox_id, sandbox.slot).await;
+        timings.record("stop", mark);
+        tracing::info!(
+            sandbox_id = %sandbox_id,
+            generation = record.generation,
+            bytes_written = record.bytes_written,
+            diff,
+            pause_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "sandbox paused"
+        );
+        Ok(PausedSandbox { bytes_written: record.bytes_written, timings: timings.phases })
+    }
+
+    async fn resume(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError> {
+        let started = Instant::now();
+        let sandbox_id = spec.sandbox_id.clone();
+        if self.cell(&sandbox_id).is_some() {
+            return Err(RuntimeError::Failed(format!("sandbox {sandbox_id} is already running")));
+        }
+        let unusable = |reason: String| RuntimeError::PausedStateUnusable { sandbox_id: sandbox_id.clone(), reason };
+        let paths = self.config.data_dir.sandbox(&sandbox_id);
+        let record = PauseRecord::load(&paths.pause_record()).map_err(|err| unusable(err.to_string()))?;
+        if record.vmm != self.driver.kind().as_str() {
+            return Err(unusable(format!("it was paused by {}, this node runs {}", record.vmm, self.driver.kind())));
+        }
+        let template_id = TemplateId::parse(&record.template_id).map_err(|err| unusable(err.to_string()))?;
+        let build_id = BuildId::parse(&record.build_id).map_err(|err| unusable(err.to_string()))?;
+        let template = self.snapshot_template(&template_id, &build_id)?;
+        let disk = DiskSpec {
+            path: record.disk_file.clone(),
+            format: if record.disk_format == "qcow2" { DiskFormat::Qcow2 } else { DiskFormat::Raw },
+        };
+        let run_dir = paths.dir().to_path_buf();
+
+        // While the guest runs, the paused state goes stale; mark it so that a crash in
+        // between is not mistaken for a complete pause.
+        let resuming = paths.paused_dir().join("pause.resuming.json");
+        std::fs::rename(paths.pause_record(), &resuming)
+            .map_err(|err| RuntimeError::Failed(format!("failed to mark the paused state as resuming: {err}")))?;
+
+        let mut timings = StartTimings::default();
+        let mark = timings.record("load", started);
+        let restore = RestoreSpec {
+            machine: MachineSize { vcpus: record.vcpus, memory_mib: record.memory_mib },
+            memory_file: record.memory_file.clone(),
+            vmstate: record.vmstate_file.clone(),
+            disk: disk.clone(),
+            placement: VmPlacement { netns: None, run_dir: run_dir.clone() },
+        };
+        let (vm, slot) = match self.restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark).await {
+            Ok(started) => started,
+            Err(err) => {
+                // Nothing ran long enough to change the disk meaningfully? It did not run
+                // at all unless envd init failed; the state stays resumable either way
+                // because the restore's writes happen only after the guest runs.
+                if let Err(rename_err) = std::fs::rename(&resuming, paths.pause_record()) {
+                    tracing::error!(sandbox_id = %sandbox_id, error = %rename_err, "failed to restore the pause record after a failed resume");
+                }
+                return Err(err);
+            }
+        };
+        // The device state is consumed; the memory file stays when it is the sandbox's own
+        // (the VM maps it, and the next pause writes only its changes into it).
+        let _ = std::fs::remove_file(&resuming);
+        if record.vmstate_file != record.memory_file {
+            let _ = std::fs::remove_file(&record.vmstate_file);
+        }
+        let envd_version = record.envd_version.clone();
+        tracing::info!(
+            sandbox_id = %sandbox_id,
+            generation = record.generation,
+            vmm_pid = vm.pid(),
+            paused_for_secs = unix_ms().saturating_sub(record.paused_at_unix_ms) / 1000,
+            resume_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "sandbox resumed"
+        );
+        self.insert_running(
+            &sandbox_id,
+            RunningSandbox {
+                vm,
+                slot,
+                run_dir,
+                template,
+                template_id,
+                build_id,
+                disk,
+                memory_file: record.memory_file,
+                generation: record.generation,
+                envd_version: envd_version.clone(),
+            },
+        );
+        Ok(StartedSandbox { envd_version, timings: timings.phases })
+    }
+
+    async fn discard_paused(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {
+        if self.cell(sandbox_id).is_some() {
+            return Err(RuntimeError::Failed(format!("sandbox {sandbox_id} is running, not paused")));
+        }
+        let dir = self.config.data_dir.sandbox(sandbox_id).dir().to_path_buf();
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                tracing::info!(sandbox_id = %sandbox_id, "paused sandbox deleted");
+                Ok(())
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(RuntimeError::Failed(format!("failed to delete {}: {err}", dir.display()))),
+        }
+    }
+
+    async fn paused(&self) -> Vec<SandboxId> {
+        let dir = self.config.data_dir.sandboxes_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<SandboxId> = entries
+            .flatten()
+            .filter_map(|entry| SandboxId::parse(&entry.file_name().to_string_lossy()).ok())
+            .filter(|id| self.config.data_dir.sandbox(id).pause_record().is_file())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn snapshot(&self, sandbox_id: &SandboxId, target: SnapshotSpec) -> Result<(), RuntimeError> {
+        let started = Instant::now();
+        let Some(cell) = self.cell(sandbox_id) else {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        };
+        let mut guard = cell.lock().await;
+        let Some(current) = guard.as_ref() else {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        };
+        let base_manifest = current.template.manifest.clone();
+        let disk_format = current.disk.format;
+        let disk_name = format!("disk.{}", disk_format_name(disk_format));
+        let staging = self.config.data_dir.template_build_staging(&target.template_id, &target.build_id);
+        let _ = std::fs::remove_dir_all(&staging);
+
+        let checkpoint = match self.checkpoint(sandbox_id, &mut guard, &staging, Some(&disk_name), false, false).await {
+            Ok(checkpoint) => checkpoint,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(err);
+            }
+        };
+        drop(guard);
+
+        let final_dir = self.config.data_dir.template_build(&target.template_id, &target.build_id);
+        let written = (|| {
+            let mut names = vec!["vmstate".to_owned(), disk_name.clone()];
+            if checkpoint.own_memory {
+                names.push("memory".to_owned());
+            }
+            let files = names
+                .into_iter()
+                .map(|name| {
+                    let size_bytes = std::fs::metadata(staging.join(&name))?.len();
+                    Ok(hearth_storage::ManifestFile { name, size_bytes, sha256: None })
+                })
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let memory_file = if checkpoint.own_memory { final_dir.memory() } else { checkpoint.memory_file.clone() };
+            let manifest = TemplateManifest {
+                template_id: target.template_id.to_string(),
+                build_id: target.build_id.to_string(),
+                files,
+                created_at_unix_secs: unix_ms() / 1000,
+                vmm: self.driver.kind().as_str().into(),
+                snapshot: Some(SnapshotOrigin {
+                    sandbox_id: sandbox_id.to_string(),
+                    memory_file,
+                    disk_file: disk_name.clone(),
+                    disk_format: disk_format_name(disk_format).into(),
+                }),
+                ..base_manifest
+            };
+            hearth_storage::durable::sync_file(&checkpoint.vmstate)?;
+            manifest.store(&staging.join("manifest.json")).map_err(std::io::Error::other)?;
+            if let Some(parent) = final_dir.dir().parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(&staging, final_dir.dir())?;
+            if let Some(parent) = final_dir.dir().parent() {
+                hearth_storage::durable::sync_dir(parent)?;
+            }
+            Ok::<_, std::io::Error>(())
+        })();
+        if let Err(err) = written {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(RuntimeError::Failed(format!("failed to write snapshot {}: {err}", target.template_id)));
+        }
+        tracing::info!(
+            sandbox_id = %sandbox_id,
+            template_id = %target.template_id,
+            build_id = %target.build_id,
+            bytes_written = checkpoint.bytes_written,
+            snapshot_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "snapshot written"
+        );
+        Ok(())
+    }
+
+    async fn fork(
+        &self,
+        sandbox_id: &SandboxId,
+        forks: Vec<SandboxSpec>,
+    ) -> Result<Vec<Result<StartedSandbox, RuntimeError>>, RuntimeError> {
+        let started = Instant::now();
+        let Some(cell) = self.cell(sandbox_id) else {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        };
+        let mut guard = cell.lock().await;
+        let Some(current) = guard.as_ref() else {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        };
+        let template = current.template.clone();
+        let disk_name = format!("disk.{}", disk_format_name(current.disk.format));
+        let dir = current.run_dir.join(format!("fork-{}", unix_ms()));
+        let checkpoint = self.checkpoint(sandbox_id, &mut guard, &dir, Some(&disk_name), false, false).await;
+        drop(guard);
+        let checkpoint = match checkpoint {
+            Ok(checkpoint) => checkpoint,
+            Err(err) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(err);
+            }
+        };
+        let checkpoint_ms = started.elapsed().as_secs_f64() * 1000.0;
+
+        let mut results = Vec::with_capacity(forks.len());
+        for spec in forks {
+            results.push(self.start_from_checkpoint(spec, template.clone(), &checkpoint).await);
+        }
+        // Every fork has read the device state and copied the disk; a memory file of its
+        // own stays mapped by the forks after this unlink.
+        let _ = std::fs::remove_dir_all(&dir);
+        tracing::info!(
+            sandbox_id = %sandbox_id,
+            forks = results.len(),
+            failed = results.iter().filter(|result| result.is_err()).count(),
+            checkpoint_ms,
+            fork_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "sandbox forked"
+        );
+        Ok(results)
     }
 }
 
@@ -303,10 +916,10 @@ impl RouteTable for NodeAgent {
     }
 }
 
-fn remove_run_dir(sandbox_id: &SandboxId, run_dir: &std::path::Path) {
-    if let Err(err) = std::fs::remove_dir_all(run_dir) {
+fn remove_dir(sandbox_id: &SandboxId, dir: &Path) {
+    if let Err(err) = std::fs::remove_dir_all(dir) {
         if err.kind() != std::io::ErrorKind::NotFound {
-            tracing::error!(sandbox_id = %sandbox_id, path = %run_dir.display(), error = %err, "failed to remove the sandbox run directory");
+            tracing::error!(sandbox_id = %sandbox_id, path = %dir.display(), error = %err, "failed to remove the sandbox directory");
         }
     }
 }

@@ -35,7 +35,8 @@ pub struct InitRequest<'a> {
     /// Token envd requires in `X-Access-Token`; `None` leaves envd open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_token: Option<&'a str>,
-    /// Host wall clock in RFC 3339, so a guest restored from an old snapshot is not in the past.
+    /// Host wall clock in RFC 3339, so a guest restored from an old snapshot is not in the
+    /// past. [`EnvdClient::init_when_ready`] replaces it with the time of each attempt.
     pub timestamp: String,
     /// User that commands run as unless a request names one.
     pub default_user: &'a str,
@@ -73,7 +74,12 @@ impl EnvdClient {
         let url = format!("http://{address}:{ENVD_PORT}/init");
         let started = Instant::now();
         for attempt in 1.. {
-            match self.http.post(&url).json(request).send().await {
+            // Each attempt carries the time it is sent, so retries never set a stale clock.
+            let mut body = serde_json::to_value(request).expect("the init request always serializes");
+            body["timestamp"] = serde_json::Value::String(
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            );
+            match self.http.post(&url).json(&body).send().await {
                 Ok(response) if response.status().is_success() => {
                     tracing::debug!(%address, attempt, waited_us = started.elapsed().as_micros() as u64, "envd initialised");
                     return Ok(());
@@ -91,6 +97,25 @@ impl EnvdClient {
             tokio::time::sleep(READY_POLL_INTERVAL).await;
         }
         unreachable!("the retry loop only ends by returning")
+    }
+}
+
+impl EnvdClient {
+    /// Waits until envd answers `GET /health`, retrying until `deadline` passes.
+    pub async fn health(&self, address: Ipv4Addr, deadline: Duration) -> Result<(), EnvdError> {
+        let url = format!("http://{address}:{ENVD_PORT}/health");
+        let started = Instant::now();
+        loop {
+            match self.http.get(&url).send().await {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) => tracing::debug!(%address, status = %response.status(), "envd not healthy yet"),
+                Err(err) => tracing::trace!(%address, error = %err, "envd not reachable yet"),
+            }
+            if started.elapsed() >= deadline {
+                return Err(EnvdError::NotReady { address, waited: started.elapsed() });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -144,6 +144,21 @@ impl SandboxPaths {
     pub fn disk(&self) -> PathBuf {
         self.dir.join("disk.qcow2")
     }
+
+    /// Raw copy of the template's root filesystem, for VMMs that cannot read qcow2.
+    pub fn raw_disk(&self) -> PathBuf {
+        self.dir.join("disk.raw")
+    }
+
+    /// Directory of the paused state: memory, device state and the pause record.
+    pub fn paused_dir(&self) -> PathBuf {
+        self.dir.join("paused")
+    }
+
+    /// The pause record; its presence marks the sandbox as paused on disk.
+    pub fn pause_record(&self) -> PathBuf {
+        self.paused_dir().join("pause.json")
+    }
 }
 
 #[cfg(test)]

@@ -5,10 +5,15 @@
 //! sandboxes map its memory file privately and write their disk changes into their own
 //! qcow2 overlay, so any number of sandboxes share one template without changing it.
 
+pub mod clone;
+pub mod durable;
 pub mod layout;
 pub mod manifest;
+pub mod pause;
 pub mod qcow2;
 
+pub use clone::clone_sparse;
 pub use layout::{DataDir, SandboxPaths, TemplateBuildPaths};
-pub use manifest::{ManifestError, ManifestFile, TemplateManifest, MANIFEST_FORMAT_VERSION};
-pub use qcow2::{create_overlay, Qcow2Error};
+pub use manifest::{ManifestError, ManifestFile, SnapshotOrigin, TemplateManifest, MANIFEST_FORMAT_VERSION};
+pub use pause::{PauseRecord, PauseRecordError, PAUSE_FORMAT_VERSION};
+pub use qcow2::{create_overlay, create_overlay_over, BackingFormat, Qcow2Error};

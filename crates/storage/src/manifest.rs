@@ -74,6 +74,32 @@ pub struct TemplateManifest {
     pub files: Vec<ManifestFile>,
     /// Build completion time, seconds since the Unix epoch.
     pub created_at_unix_secs: u64,
+    /// VMM that wrote the snapshot (`qemu`, `firecracker`); only it can restore it.
+    #[serde(default = "default_vmm")]
+    pub vmm: String,
+    /// Set when the build is a snapshot of a sandbox rather than a boot of a root
+    /// filesystem: where its memory and disk are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotOrigin>,
+}
+
+fn default_vmm() -> String {
+    "qemu".into()
+}
+
+/// Where the memory and disk of a snapshot build are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotOrigin {
+    /// Sandbox the snapshot was taken from.
+    pub sandbox_id: String,
+    /// Memory file a restore maps copy-on-write: the base template's when the device
+    /// state carries every page (QEMU), or the build's own `memory` file.
+    pub memory_file: PathBuf,
+    /// Disk file name inside the build directory.
+    pub disk_file: String,
+    /// `qcow2` (an overlay whose backing chain ends in a template's root filesystem) or `raw`.
+    pub disk_format: String,
 }
 
 impl TemplateManifest {
@@ -101,9 +127,7 @@ impl TemplateManifest {
     pub fn store(&self, path: &Path) -> Result<(), ManifestError> {
         let write_err = |source| ManifestError::Write { path: path.to_owned(), source };
         let text = serde_json::to_vec_pretty(self).map_err(|err| write_err(err.into()))?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(write_err)?;
-        std::fs::rename(&tmp, path).map_err(write_err)
+        crate::durable::write_atomic(path, &text).map_err(write_err)
     }
 
     /// Checks that every listed artifact in `dir` exists with its recorded size.
@@ -138,6 +162,8 @@ mod tests {
             disk_size_bytes: 8 << 30,
             files: vec![ManifestFile { name: "vmstate".into(), size_bytes: 3, sha256: None }],
             created_at_unix_secs: 0,
+            vmm: "qemu".into(),
+            snapshot: None,
         }
     }
 

@@ -52,7 +52,35 @@ pub enum Qcow2Error {
 /// `backing` is stored as given, so pass an absolute path: QEMU resolves a relative one
 /// against the overlay's directory.
 pub fn create_overlay(path: &Path, backing: &Path, virtual_size: u64) -> Result<(), Qcow2Error> {
-    let header = build_header(backing, virtual_size)?;
+    create_overlay_over(path, backing, BackingFormat::Raw, virtual_size)
+}
+
+/// Format of an overlay's backing file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// A raw image, such as a template's root filesystem.
+    Raw,
+    /// Another qcow2 overlay, such as a snapshot's disk; QEMU follows its backing chain.
+    Qcow2,
+}
+
+impl BackingFormat {
+    fn name(self) -> &'static [u8] {
+        match self {
+            Self::Raw => b"raw",
+            Self::Qcow2 => b"qcow2",
+        }
+    }
+}
+
+/// Like [`create_overlay`], with a backing file of the given format.
+pub fn create_overlay_over(
+    path: &Path,
+    backing: &Path,
+    format: BackingFormat,
+    virtual_size: u64,
+) -> Result<(), Qcow2Error> {
+    let header = build_header(backing, format, virtual_size)?;
     let write_err = |source| Qcow2Error::Write { path: path.to_owned(), source };
 
     let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(write_err)?;
@@ -71,7 +99,7 @@ fn l1_entries(virtual_size: u64) -> u64 {
 }
 
 /// The header cluster's content: header, backing format extension, end marker, backing name.
-fn build_header(backing: &Path, virtual_size: u64) -> Result<Vec<u8>, Qcow2Error> {
+fn build_header(backing: &Path, format: BackingFormat, virtual_size: u64) -> Result<Vec<u8>, Qcow2Error> {
     let backing_name = backing
         .to_str()
         .filter(|name| name.len() < 1023)
@@ -82,7 +110,7 @@ fn build_header(backing: &Path, virtual_size: u64) -> Result<Vec<u8>, Qcow2Error
     }
 
     let mut extensions = Vec::new();
-    push_extension(&mut extensions, EXT_BACKING_FORMAT, b"raw");
+    push_extension(&mut extensions, EXT_BACKING_FORMAT, format.name());
     push_extension(&mut extensions, 0, b"");
     let backing_offset = u64::from(HEADER_LENGTH) + extensions.len() as u64;
 

@@ -7,7 +7,7 @@ use hearth_network::Slot;
 use hearth_storage::{DataDir, ManifestError, ManifestFile, TemplateBuildPaths, TemplateManifest, MANIFEST_FORMAT_VERSION};
 use hearth_types::guest::ENVD_PORT;
 use hearth_types::{BuildId, TemplateId, ENVD_VERSION};
-use hearth_vmm::{BootSpec, DiskFormat, DiskSpec, MachineSize, QemuDriver, QemuVm, Vm, VmPlacement, VmmError};
+use hearth_vmm::{BootSpec, DiskFormat, DiskSpec, MachineSize, QemuDriver, SnapshotTarget, QemuVm, Vm, VmPlacement, VmmError};
 use sha2::{Digest, Sha256};
 
 use crate::initramfs::{write_initramfs, InitramfsError, InitramfsSpec, BUSYBOX_STATIC};
@@ -294,7 +294,8 @@ async fn boot_and_snapshot(
             let boot_to_health = launched.elapsed();
             report(BuildStep::Boot, format!("envd answered after {:.2} s", boot_to_health.as_secs_f64()));
             report(BuildStep::Snapshot, "saving device state".into());
-            vm.snapshot(&paths.vmstate()).await.map(|()| boot_to_health).map_err(BuildError::from)
+            let target = SnapshotTarget { vmstate: paths.vmstate(), memory: paths.memory(), diff: false };
+            vm.snapshot(&target).await.map(|_| boot_to_health).map_err(BuildError::from)
         }
         Err(err) => Err(err),
     };
@@ -378,6 +379,8 @@ async fn write_manifest(
         disk_size_bytes: options.disk_size_bytes,
         files,
         created_at_unix_secs: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        vmm: "qemu".into(),
+        snapshot: None,
     };
     manifest.store(&paths.manifest())?;
     Ok(manifest)

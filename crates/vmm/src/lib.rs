@@ -125,9 +125,80 @@ pub enum VmmError {
     },
 }
 
+/// Which VMM a driver runs. Snapshots are specific to the VMM that wrote them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmKind {
+    /// QEMU `microvm`, with KVM or TCG.
+    Qemu,
+    /// Firecracker, which needs KVM.
+    Firecracker,
+}
+
+impl VmmKind {
+    /// Lower-case name, as in manifests and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qemu => "qemu",
+            Self::Firecracker => "firecracker",
+        }
+    }
+
+    /// Format of the sandbox disks this VMM opens: QEMU reads qcow2 overlays over the
+    /// template's image; Firecracker opens raw images only.
+    pub fn sandbox_disk_format(self) -> DiskFormat {
+        match self {
+            Self::Qemu => DiskFormat::Qcow2,
+            Self::Firecracker => DiskFormat::Raw,
+        }
+    }
+}
+
+impl std::fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where [`Vm::snapshot`] writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotTarget {
+    /// Device state. QEMU also writes the RAM of a restored VM into this file.
+    pub vmstate: PathBuf,
+    /// Guest memory, for VMMs that write it to a file of its own (Firecracker, and a
+    /// booted QEMU VM whose shared RAM file is this path).
+    pub memory: PathBuf,
+    /// Write only the memory changed since the VM was restored from `memory`, and merge
+    /// it into `memory`, where the VMM can. False writes all of the memory.
+    pub diff: bool,
+}
+
+/// Where a snapshot's guest memory ended up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMemory {
+    /// Inside the device state file; a restore maps the template's memory file
+    /// copy-on-write and the state stream overwrites every page (QEMU, restored VM).
+    InVmstate,
+    /// In [`SnapshotTarget::memory`], which a restore maps copy-on-write.
+    InMemoryFile,
+}
+
+/// What a snapshot wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// Where the memory is.
+    pub memory: SnapshotMemory,
+    /// Bytes the snapshot wrote to files, memory and device state together.
+    pub bytes_written: u64,
+}
+
 /// A VMM driver: starts virtual machines.
 #[async_trait]
 pub trait VmmDriver: Send + Sync {
+    /// The VMM this driver runs.
+    fn kind(&self) -> VmmKind;
+
     /// Boots a guest from its kernel and returns once the VMM runs it.
     async fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Vm>, VmmError>;
 
@@ -141,11 +212,14 @@ pub trait Vm: Send + Sync {
     /// Process ID of the VMM.
     fn pid(&self) -> u32;
 
-    /// Pauses the guest and writes its device state to `vmstate`, leaving the guest
-    /// paused. Guest RAM that lives in a shared memory file (a booted VM) is not copied:
-    /// the memory file contains it once the VM is stopped. A restored VM's private RAM is
-    /// written into `vmstate`.
-    async fn snapshot(&mut self, vmstate: &std::path::Path) -> Result<(), VmmError>;
+    /// Pauses the guest, flushes its disk and writes a snapshot to `target`, leaving the
+    /// guest paused: [`Vm::resume`] continues it, [`Vm::stop`] ends it. On error the guest
+    /// may be paused or running; call [`Vm::resume`] to keep it.
+    async fn snapshot(&mut self, target: &SnapshotTarget) -> Result<SnapshotReport, VmmError>;
+
+    /// Runs a guest that [`Vm::snapshot`] paused (or that a failed snapshot left paused).
+    /// Does nothing when the guest is already running.
+    async fn resume(&mut self) -> Result<(), VmmError>;
 
     /// Kills the VMM process and waits for it to exit. Calling it
     /// again after success does nothing.

@@ -16,7 +16,7 @@
 //! `vmm.log` (QEMU's own output).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -29,7 +29,10 @@ use tokio::process::{Child, Command};
 
 use crate::accel::{choose_accel, Accel, AccelChoice};
 use crate::qmp::{QmpClient, QmpError};
-use crate::{BootSpec, DiskFormat, DiskSpec, MachineSize, RestoreSpec, Vm, VmPlacement, VmmDriver, VmmError};
+use crate::{
+    BootSpec, DiskFormat, DiskSpec, MachineSize, RestoreSpec, SnapshotMemory, SnapshotReport, SnapshotTarget, Vm,
+    VmPlacement, VmmDriver, VmmError, VmmKind,
+};
 
 /// Default QEMU binary, looked up in `PATH`.
 pub const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -40,6 +43,8 @@ const QMP_GREETING_TIMEOUT: Duration = Duration::from_secs(15);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a snapshot gets to write the device state.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Name under which a snapshot's file descriptor is handed to QEMU.
+const SNAPSHOT_FD_NAME: &str = "hearth-snapshot";
 /// Bytes of `vmm.log` quoted in errors.
 const LOG_TAIL_BYTES: u64 = 2048;
 
@@ -84,6 +89,7 @@ impl QemuDriver {
         args.extend(["-append".into(), spec.cmdline.clone()]);
 
         let mut vm = self.launch(args, &spec.placement, None).await?;
+        vm.shared_memory = true;
         vm.qmp(|qmp| Box::pin(qmp.execute("migrate-set-capabilities", Some(capabilities()))))
             .await?;
         tracing::info!(pid = vm.pid, run_dir = %spec.placement.run_dir.display(), "VM booted");
@@ -257,6 +263,7 @@ impl QemuDriver {
             child: Some(child),
             qmp: None,
             run_dir: run_dir.clone(),
+            shared_memory: false,
         };
         let stream = match stream {
             Ok(stream) => stream,
@@ -283,6 +290,10 @@ impl QemuDriver {
 
 #[async_trait]
 impl VmmDriver for QemuDriver {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
     async fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Vm>, VmmError> {
         Ok(Box::new(self.boot_vm(spec).await?))
     }
@@ -299,6 +310,9 @@ pub struct QemuVm {
     child: Option<Child>,
     qmp: Option<QmpClient>,
     run_dir: PathBuf,
+    /// True for a booted VM, whose RAM is the shared memory file; false for a restored
+    /// one, whose RAM is a private copy-on-write mapping.
+    shared_memory: bool,
 }
 
 impl QemuVm {
@@ -391,16 +405,25 @@ impl Vm for QemuVm {
         self.pid
     }
 
-    async fn snapshot(&mut self, vmstate: &Path) -> Result<(), VmmError> {
+    async fn snapshot(&mut self, target: &SnapshotTarget) -> Result<SnapshotReport, VmmError> {
         let started = Instant::now();
         let pid = self.pid;
-        let uri = format!("exec:cat > {}", shell_quote(&vmstate.to_string_lossy()));
+        let vmstate = &target.vmstate;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(vmstate)
+            .map_err(|source| VmmError::Prepare { what: "snapshot file", path: vmstate.clone(), source })?;
         let Some(qmp) = self.qmp.as_mut() else {
             return Err(VmmError::Qmp { pid, source: QmpError::Closed });
         };
+        // QEMU writes the stream itself into the descriptor Hearth opened, so a write error
+        // (a full disk) fails the migration instead of vanishing in a helper process.
         let result = tokio::time::timeout(SNAPSHOT_TIMEOUT, async {
+            qmp.execute_with_fd("getfd", json!({ "fdname": SNAPSHOT_FD_NAME }), file.as_fd()).await?;
             qmp.execute("stop", None).await?;
-            qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+            qmp.execute("migrate", Some(json!({ "uri": format!("fd:{SNAPSHOT_FD_NAME}") }))).await?;
             qmp.wait_migration_end().await
         })
         .await;
@@ -416,19 +439,58 @@ impl Vm for QemuVm {
             }
         };
         if status != "completed" {
+            let (_, error) = self.qmp.as_mut().expect("checked above").migration_status().await.unwrap_or_default();
             return Err(VmmError::Vmm {
                 pid,
-                message: format!("writing snapshot {} ended with status {status}", vmstate.display()),
+                message: format!(
+                    "writing snapshot {} ended with status {status}: {}",
+                    vmstate.display(),
+                    error.unwrap_or_else(|| "no reason given".into())
+                ),
                 log_tail: read_tail(&self.vmm_log()),
             });
         }
+        let synced = tokio::task::spawn_blocking(move || file.sync_all().and_then(|()| file.metadata()))
+            .await
+            .map_err(|err| std::io::Error::other(err.to_string()))
+            .and_then(|result| result);
+        let bytes_written = synced
+            .map_err(|source| VmmError::Prepare { what: "snapshot file (sync)", path: vmstate.clone(), source })?
+            .len();
+        let memory = if self.shared_memory { SnapshotMemory::InMemoryFile } else { SnapshotMemory::InVmstate };
         tracing::info!(
             pid,
             vmstate = %vmstate.display(),
+            bytes_written,
             elapsed_us = started.elapsed().as_micros() as u64,
             "VM snapshot written"
         );
-        Ok(())
+        Ok(SnapshotReport { memory, bytes_written })
+    }
+
+    async fn resume(&mut self) -> Result<(), VmmError> {
+        let pid = self.pid;
+        let Some(qmp) = self.qmp.as_mut() else {
+            return Err(VmmError::Qmp { pid, source: QmpError::Closed });
+        };
+        let result = async {
+            // A failed `migrate` may have left the descriptor registered.
+            let _ = qmp.execute("closefd", Some(json!({ "fdname": SNAPSHOT_FD_NAME }))).await;
+            if qmp.run_state().await? != "running" {
+                qmp.execute("cont", None).await?;
+            }
+            qmp.run_state().await
+        }
+        .await;
+        match result {
+            Ok(state) if state == "running" => Ok(()),
+            Ok(state) => Err(VmmError::Vmm {
+                pid,
+                message: format!("guest is {state} after cont"),
+                log_tail: read_tail(&self.vmm_log()),
+            }),
+            Err(source) => Err(VmmError::Qmp { pid, source }),
+        }
     }
 
     async fn stop(&mut self) -> Result<(), VmmError> {
@@ -512,11 +574,6 @@ fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// Quotes a string for `/bin/sh` with single quotes.
-fn shell_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
-}
-
 /// Returns the last bytes of a log file, or a note saying why it cannot be read.
 fn read_tail(path: &Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
@@ -537,11 +594,6 @@ mod tests {
     #[test]
     fn escape_opt_doubles_commas() {
         assert_eq!(escape_opt("/a,b/c"), "/a,,b/c");
-    }
-
-    #[test]
-    fn shell_quote_escapes_single_quotes() {
-        assert_eq!(shell_quote("/a'b"), r"'/a'\''b'");
     }
 
     #[test]

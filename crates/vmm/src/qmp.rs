@@ -57,7 +57,11 @@ impl QmpClient {
         let mut bytes = serde_json::to_vec(&request).expect("a JSON value always serializes");
         bytes.push(b'\n');
         self.writer.write_all(&bytes).await?;
+        self.read_reply(command).await
+    }
 
+    /// Reads messages until the reply to `command`, logging and dropping events.
+    async fn read_reply(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let message = self.read_message().await?;
             if let Some(event) = message.get("event") {
@@ -77,6 +81,49 @@ impl QmpClient {
             }
             return Err(QmpError::Unexpected(message));
         }
+    }
+
+    /// Runs `command` like [`QmpClient::execute`], passing the open descriptor `fd` along
+    /// with the request (`SCM_RIGHTS`), as `getfd` expects.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        use std::os::fd::AsRawFd;
+
+        let request = json!({ "execute": command, "arguments": arguments });
+        let mut bytes = serde_json::to_vec(&request).expect("a JSON value always serializes");
+        bytes.push(b'\n');
+        let stream: &UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        loop {
+            stream.writable().await?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(&bytes)];
+                let control = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+                nix::sys::socket::sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &iov,
+                    &control,
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == bytes.len() => break,
+                // The descriptor went with the first byte; send the rest as plain data.
+                Ok(n) => {
+                    self.writer.write_all(&bytes[n..]).await?;
+                    break;
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        self.read_reply(command).await
     }
 
     /// Returns the VM's run state (`running`, `paused`, `inmigrate`, ...).

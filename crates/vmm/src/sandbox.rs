@@ -4,9 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use hearth_network::Slot;
-use hearth_storage::{create_overlay, ManifestError, Qcow2Error, TemplateBuildPaths, TemplateManifest};
+use hearth_storage::{
+    clone_sparse, create_overlay_over, BackingFormat, ManifestError, Qcow2Error, SandboxPaths, TemplateBuildPaths,
+    TemplateManifest,
+};
 
-use crate::{DiskFormat, DiskSpec, MachineSize, QemuDriver, QemuVm, RestoreSpec, VmPlacement, VmmError};
+use crate::{DiskFormat, DiskSpec, MachineSize, QemuDriver, QemuVm, RestoreSpec, VmPlacement, VmmError, VmmKind};
 
 /// Errors starting a sandbox from a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +26,8 @@ pub enum SandboxRestoreError {
     },
     #[error(transparent)]
     Disk(#[from] Qcow2Error),
+    #[error("disk {0} is a qcow2 overlay; this VMM needs a raw image")]
+    DiskFormat(PathBuf),
     #[error(transparent)]
     Vmm(#[from] VmmError),
 }
@@ -50,12 +55,61 @@ impl SnapshotTemplate {
 }
 
 impl SnapshotTemplate {
-    /// Creates `run_dir/disk.qcow2`, a new overlay over the template's root filesystem whose
-    /// cost does not depend on the image size, and returns it as the sandbox's disk.
-    pub fn create_disk(&self, run_dir: &Path) -> Result<DiskSpec, SandboxRestoreError> {
-        let disk = run_dir.join("disk.qcow2");
-        create_overlay(&disk, &self.paths.rootfs(), self.manifest.disk_size_bytes)?;
-        Ok(DiskSpec { path: disk, format: DiskFormat::Qcow2 })
+    /// VMM that wrote this build's snapshot.
+    pub fn vmm(&self) -> Option<VmmKind> {
+        match self.manifest.vmm.as_str() {
+            "qemu" => Some(VmmKind::Qemu),
+            "firecracker" => Some(VmmKind::Firecracker),
+            _ => None,
+        }
+    }
+
+    /// Memory file a restore maps copy-on-write.
+    pub fn memory_file(&self) -> PathBuf {
+        match &self.manifest.snapshot {
+            Some(origin) => origin.memory_file.clone(),
+            None => self.paths.memory(),
+        }
+    }
+
+    /// The build's disk: the root filesystem of a booted template, or a snapshot's disk.
+    pub fn disk(&self) -> DiskSpec {
+        match &self.manifest.snapshot {
+            Some(origin) => DiskSpec {
+                path: self.paths.dir().join(&origin.disk_file),
+                format: if origin.disk_format == "qcow2" { DiskFormat::Qcow2 } else { DiskFormat::Raw },
+            },
+            None => DiskSpec { path: self.paths.rootfs(), format: DiskFormat::Raw },
+        }
+    }
+
+    /// Creates the sandbox's disk in `run_dir` and returns it. For QEMU it is
+    /// `disk.qcow2`, a new overlay over the build's disk whose cost does not depend on the
+    /// image size; for Firecracker, which reads raw images only, `disk.raw`, a reflink or
+    /// sparse copy of the build's raw disk.
+    pub fn create_disk(&self, run_dir: &Path, vmm: VmmKind) -> Result<DiskSpec, SandboxRestoreError> {
+        let base = self.disk();
+        let paths = SandboxPaths::new(run_dir);
+        match vmm.sandbox_disk_format() {
+            DiskFormat::Qcow2 => {
+                let disk = paths.disk();
+                let format = match base.format {
+                    DiskFormat::Raw => BackingFormat::Raw,
+                    DiskFormat::Qcow2 => BackingFormat::Qcow2,
+                };
+                create_overlay_over(&disk, &base.path, format, self.manifest.disk_size_bytes)?;
+                Ok(DiskSpec { path: disk, format: DiskFormat::Qcow2 })
+            }
+            DiskFormat::Raw => {
+                if base.format != DiskFormat::Raw {
+                    return Err(SandboxRestoreError::DiskFormat(base.path));
+                }
+                let disk = paths.raw_disk();
+                clone_sparse(&base.path, &disk)
+                    .map_err(|source| SandboxRestoreError::RunDir { path: disk.clone(), source })?;
+                Ok(DiskSpec { path: disk, format: DiskFormat::Raw })
+            }
+        }
     }
 
     /// Returns the restore of this snapshot with `disk`, in `slot`, writing its files to
@@ -63,7 +117,7 @@ impl SnapshotTemplate {
     pub fn restore_spec(&self, disk: DiskSpec, slot: &Slot, run_dir: &Path) -> RestoreSpec {
         RestoreSpec {
             machine: MachineSize { vcpus: self.manifest.vcpus, memory_mib: self.manifest.memory_mib },
-            memory_file: self.paths.memory(),
+            memory_file: self.memory_file(),
             vmstate: self.paths.vmstate(),
             disk,
             placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: run_dir.to_owned() },
@@ -85,7 +139,7 @@ pub async fn restore_sandbox(
     std::fs::create_dir_all(run_dir)
         .map_err(|source| SandboxRestoreError::RunDir { path: run_dir.to_owned(), source })?;
 
-    let disk = template.create_disk(run_dir)?;
+    let disk = template.create_disk(run_dir, VmmKind::Qemu)?;
     let spec = template.restore_spec(disk, slot, run_dir);
     Ok(driver.restore_vm(&spec).await?)
 }

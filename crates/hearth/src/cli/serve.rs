@@ -101,7 +101,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         driver.clone() as Arc<dyn hearth_vmm::VmmDriver>,
         slots,
     ));
-    node.sweep_run_dirs();
+    node.recover();
 
     let served = serve_until_signal(&args, &data_dir, cp_config, node.clone(), driver, api_listener, proxy_listener).await;
 
