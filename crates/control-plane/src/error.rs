@@ -88,6 +88,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// Returns the body this error is sent with.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody { code: self.status.as_u16(), message: self.message.clone(), error_code: self.error_code }
+    }
 }
 
 impl IntoResponse for ApiError {

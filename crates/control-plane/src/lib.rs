@@ -10,6 +10,7 @@ pub mod error;
 mod lifecycle;
 pub mod models;
 pub mod runtime;
+mod pausing;
 mod sandboxes;
 pub mod store;
 pub mod testing;
@@ -99,6 +100,8 @@ struct Inner {
     env_key_hashes: Vec<String>,
     /// Becomes true when [`ControlPlane::shutdown`] starts.
     shutting_down: watch::Sender<bool>,
+    /// Per-sandbox locks of [`ControlPlane::lock_sandbox`].
+    sandbox_locks: std::sync::Mutex<std::collections::HashMap<hearth_types::SandboxId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Opens the store, reconciles it with the runtime and returns the API router and the
@@ -130,6 +133,7 @@ pub async fn build(
             config,
             env_key_hashes,
             shutting_down: watch::Sender::new(false),
+            sandbox_locks: Default::default(),
         }),
     };
 

@@ -17,6 +17,8 @@ pub struct ReconcileReport {
     pub marked_killed: Vec<SandboxId>,
     /// Sandboxes the runtime reported that the database did not list as running; now stopped.
     pub stopped_unknown: Vec<SandboxId>,
+    /// Sandboxes the database listed as running that the node holds paused; now paused.
+    pub marked_paused: Vec<SandboxId>,
 }
 
 impl ControlPlane {
@@ -48,6 +50,14 @@ impl ControlPlane {
         let expired = self.store().list_expired_sandboxes(Utc::now()).await?;
         let mut killed = 0;
         for sandbox in expired {
+            if sandbox.auto_pause {
+                match self.pause_sandbox(&sandbox.sandbox_id, "timeout with autoPause").await {
+                    Ok(_) => continue,
+                    Err(err) => {
+                        tracing::error!(sandbox_id = %sandbox.sandbox_id, error = ?err, "pause at the timeout failed; killing the sandbox");
+                    }
+                }
+            }
             self.stop_quietly(&sandbox.sandbox_id, "timeout").await;
             if self
                 .store()
@@ -71,16 +81,30 @@ impl ControlPlane {
             .await?
             .into_iter()
             .collect();
+        let recorded_paused: HashSet<SandboxId> =
+            self.store().list_paused_sandbox_ids().await?.into_iter().collect();
         let running: HashSet<SandboxId> = self.runtime().running().await.into_iter().collect();
+        let paused: HashSet<SandboxId> = self.runtime().paused().await.into_iter().collect();
 
         let mut report = ReconcileReport::default();
         for sandbox_id in recorded.difference(&running) {
-            if self
-                .store()
-                .mark_sandbox_killed(sandbox_id, Utc::now())
-                .await?
-            {
-                tracing::warn!(sandbox_id = %sandbox_id, "sandbox recorded as running is not running on the node; marked killed");
+            if paused.contains(sandbox_id) {
+                // The pause finished on the node just before the server stopped.
+                self.store().mark_sandbox_paused(sandbox_id, Utc::now()).await?;
+                tracing::warn!(sandbox_id = %sandbox_id, "sandbox recorded as running was paused on the node; marked paused");
+                report.marked_paused.push(sandbox_id.clone());
+                continue;
+            }
+            let reason = "the server restarted and a running sandbox's VM does not survive that";
+            if self.store().mark_sandbox_ended(sandbox_id, Utc::now(), reason).await? {
+                tracing::warn!(sandbox_id = %sandbox_id, reason, "sandbox recorded as running is not running on the node; marked killed");
+                report.marked_killed.push(sandbox_id.clone());
+            }
+        }
+        for sandbox_id in recorded_paused.difference(&paused) {
+            let reason = "its paused state is missing or incomplete on this node";
+            if self.store().mark_sandbox_ended(sandbox_id, Utc::now(), reason).await? {
+                tracing::error!(sandbox_id = %sandbox_id, reason, "paused sandbox cannot be resumed; marked killed");
                 report.marked_killed.push(sandbox_id.clone());
             }
         }
@@ -89,7 +113,18 @@ impl ControlPlane {
             self.stop_quietly(sandbox_id, "reconcile").await;
             report.stopped_unknown.push(sandbox_id.clone());
         }
+        for sandbox_id in paused.difference(&recorded_paused) {
+            if recorded.contains(sandbox_id) {
+                continue;
+            }
+            tracing::warn!(sandbox_id = %sandbox_id, "node holds a paused sandbox the control plane has no record of; deleting it");
+            if let Err(err) = self.runtime().discard_paused(sandbox_id).await {
+                tracing::error!(sandbox_id = %sandbox_id, error = %err, "failed to delete an unknown paused sandbox");
+            }
+            report.stopped_unknown.push(sandbox_id.clone());
+        }
         report.marked_killed.sort();
+        report.marked_paused.sort();
         report.stopped_unknown.sort();
         Ok(report)
     }

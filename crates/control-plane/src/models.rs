@@ -284,3 +284,78 @@ pub struct TemplateAliasResponse {
     pub template_id: String,
     pub public: bool,
 }
+
+/// Body of `POST /sandboxes/{sandboxID}/pause`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxPauseRequest {
+    /// Keep the memory (true, the default); false would keep the filesystem only, which
+    /// Hearth does not offer.
+    pub memory: Option<bool>,
+    /// Refuse the pause when envd does not answer.
+    #[serde(rename = "requireHealthyGuest")]
+    pub require_healthy_guest: Option<bool>,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/resume`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumedSandbox {
+    /// Seconds the resumed sandbox lives; defaults to 15.
+    pub timeout: Option<i64>,
+    /// Pause instead of kill at the timeout.
+    #[serde(rename = "autoPause")]
+    pub auto_pause: Option<bool>,
+    /// Resume with memory (true, the default).
+    pub memory: Option<bool>,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/fork`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxForkRequest {
+    /// Seconds each fork lives; defaults to 15.
+    pub timeout: Option<i64>,
+    /// Number of forks, 1 to 20; defaults to 1.
+    pub count: Option<i64>,
+}
+
+/// One fork's outcome: a sandbox or an error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SandboxForkResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<CreatedSandbox>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::error::ErrorBody>,
+}
+
+/// Body of `POST /sandboxes/{sandboxID}/snapshots`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSnapshotRequest {
+    /// Name of the snapshot, usable as a template alias.
+    pub name: Option<String>,
+    /// Keep the memory (true, the default).
+    pub memory: Option<bool>,
+}
+
+/// A snapshot (`POST /sandboxes/{sandboxID}/snapshots`, `GET /snapshots`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnapshotInfo {
+    /// Template ID to pass as `templateID` when creating a sandbox from the snapshot.
+    #[serde(rename = "snapshotID")]
+    pub snapshot_id: String,
+    /// Names of the snapshot (its aliases).
+    pub names: Vec<String>,
+}
+
+/// Query of `GET /snapshots`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct ListSnapshotsQuery {
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: Option<String>,
+    pub name: Option<String>,
+    pub limit: Option<String>,
+    #[serde(rename = "nextToken")]
+    pub next_token: Option<String>,
+}

@@ -197,8 +197,10 @@ impl ControlPlane {
 
         reject_unsupported_options(&body)?;
         let auto_pause = body.auto_pause.unwrap_or(false);
-        if auto_pause {
-            tracing::warn!(template = %template, "autoPause requested; pausing is not implemented, so the sandbox is killed at its timeout");
+        if body.auto_pause_memory == Some(false) {
+            return Err(ApiError::bad_request(
+                "invalid autoPauseMemory false: Hearth pauses with memory only",
+            ));
         }
 
         Ok(CreateRequest {
@@ -218,10 +220,16 @@ impl ControlPlane {
         sandbox_id: &SandboxId,
         reason: &str,
     ) -> Result<bool, ApiError> {
-        if self.store().get_live_sandbox(sandbox_id).await?.is_none() {
+        let _guard = self.lock_sandbox(sandbox_id).await;
+        let Some(record) = self.store().get_live_sandbox(sandbox_id).await? else {
             return Ok(false);
-        }
-        match self.runtime().stop(sandbox_id).await {
+        };
+        let stopped = if record.state == crate::store::SandboxState::Paused {
+            self.runtime().discard_paused(sandbox_id).await
+        } else {
+            self.runtime().stop(sandbox_id).await
+        };
+        match stopped {
             Ok(()) | Err(RuntimeError::NotFound(_)) => {}
             Err(err) => {
                 tracing::error!(sandbox_id = %sandbox_id, reason, error = %err, "sandbox stop failed");

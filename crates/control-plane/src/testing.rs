@@ -64,6 +64,11 @@ impl RecordingRuntime {
         *self.fail_pauses.lock().unwrap() = failure;
     }
 
+    /// Makes the runtime hold `ids` paused, as a node finds them on disk after a restart.
+    pub fn set_paused(&self, ids: impl IntoIterator<Item = SandboxId>) {
+        self.paused.lock().unwrap().extend(ids);
+    }
+
     /// Whether the runtime holds `sandbox_id` paused.
     pub fn is_paused(&self, sandbox_id: &SandboxId) -> bool {
         self.paused.lock().unwrap().contains(sandbox_id)

@@ -713,13 +713,8 @@ async fn unimplemented_routes_are_501_json() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
     for (method, uri) in [
-        (Method::POST, format!("/sandboxes/{id}/pause")),
-        (Method::POST, format!("/sandboxes/{id}/resume")),
-        (Method::POST, format!("/sandboxes/{id}/fork")),
-        (Method::POST, format!("/sandboxes/{id}/snapshots")),
         (Method::PUT, format!("/sandboxes/{id}/network")),
         (Method::GET, format!("/sandboxes/{id}/metrics")),
-        (Method::GET, "/snapshots".to_owned()),
         (Method::POST, "/v3/templates".to_owned()),
         (Method::GET, "/templates/base/tags".to_owned()),
     ] {

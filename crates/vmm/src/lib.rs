@@ -6,6 +6,7 @@
 //! they cost the same whatever the guest's memory size and never change the file.
 
 pub mod accel;
+pub mod firecracker;
 pub mod qemu;
 pub mod qmp;
 pub mod sandbox;
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 
 pub use accel::{Accel, AccelChoice};
+pub use firecracker::{FirecrackerDriver, FirecrackerVm, FirecrackerConfig};
 pub use qemu::{QemuDriver, QemuVm};
 pub use sandbox::{restore_sandbox, SandboxRestoreError, SnapshotTemplate};
 

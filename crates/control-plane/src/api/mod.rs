@@ -26,6 +26,11 @@ use crate::{auth, models, ControlPlane};
         sandboxes::refresh,
         sandboxes::connect_v1,
         sandboxes::connect_v2,
+        sandboxes::pause,
+        sandboxes::resume,
+        sandboxes::fork,
+        sandboxes::create_snapshot,
+        sandboxes::list_snapshots,
         templates::list,
         templates::get,
         templates::get_alias,
@@ -40,6 +45,12 @@ use crate::{auth, models, ControlPlane};
         models::SandboxTimeoutRequest,
         models::SandboxRefreshRequest,
         models::ConnectSandbox,
+        models::SandboxPauseRequest,
+        models::ResumedSandbox,
+        models::SandboxForkRequest,
+        models::SandboxForkResult,
+        models::SandboxSnapshotRequest,
+        models::SnapshotInfo,
         models::Template,
         models::TemplateBuild,
         models::TemplateWithBuilds,
@@ -96,6 +107,11 @@ pub(crate) fn router(control_plane: ControlPlane) -> Router {
             "/v2/sandboxes/{sandbox_id}/connect",
             post(sandboxes::connect_v2),
         )
+        .route("/sandboxes/{sandbox_id}/pause", post(sandboxes::pause))
+        .route("/sandboxes/{sandbox_id}/resume", post(sandboxes::resume))
+        .route("/sandboxes/{sandbox_id}/fork", post(sandboxes::fork))
+        .route("/sandboxes/{sandbox_id}/snapshots", post(sandboxes::create_snapshot))
+        .route("/snapshots", get(sandboxes::list_snapshots))
         .route(
             "/templates",
             get(templates::list).post(unsupported("building templates with the v1 API")),
@@ -132,22 +148,6 @@ fn add_unsupported_routes(router: Router<ControlPlane>) -> Router<ControlPlane> 
     router
         .route("/sandboxes/metrics", get(unsupported("sandbox metrics")))
         .route(
-            "/sandboxes/{sandbox_id}/pause",
-            post(unsupported("pausing sandboxes")),
-        )
-        .route(
-            "/sandboxes/{sandbox_id}/resume",
-            post(unsupported("resuming sandboxes")),
-        )
-        .route(
-            "/sandboxes/{sandbox_id}/fork",
-            post(unsupported("forking sandboxes")),
-        )
-        .route(
-            "/sandboxes/{sandbox_id}/snapshots",
-            post(unsupported("sandbox snapshots")),
-        )
-        .route(
             "/sandboxes/{sandbox_id}/network",
             put(unsupported("changing sandbox network rules")),
         )
@@ -163,7 +163,6 @@ fn add_unsupported_routes(router: Router<ControlPlane>) -> Router<ControlPlane> 
             "/sandboxes/{sandbox_id}/metrics",
             get(unsupported("sandbox metrics")),
         )
-        .route("/snapshots", get(unsupported("listing snapshots")))
         .route(
             "/v2/templates",
             get(unsupported("the v2 template list"))

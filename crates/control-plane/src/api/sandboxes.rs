@@ -12,7 +12,9 @@ use serde::de::DeserializeOwned;
 use crate::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
 use crate::models::{
     ConnectSandbox, CreatedSandbox, ListSandboxesQuery, ListSandboxesV2Query, ListedSandbox,
-    NewSandbox, SandboxDetail, SandboxLifecycle, SandboxRefreshRequest, SandboxTimeoutRequest,
+    ListSnapshotsQuery, NewSandbox, ResumedSandbox, SandboxDetail, SandboxForkRequest, SandboxForkResult,
+    SandboxLifecycle, SandboxPauseRequest, SandboxRefreshRequest, SandboxSnapshotRequest, SandboxTimeoutRequest,
+    SnapshotInfo,
 };
 use crate::sandboxes::{ServerTiming, 
     sandbox_not_found, CreateApi, CONNECT_DEFAULT_TIMEOUT_SECS, REFRESH_DEFAULT_SECS,
@@ -137,11 +139,7 @@ pub(crate) async fn get(
     Path(sandbox_id): Path<String>,
 ) -> Result<Json<SandboxDetail>, ApiError> {
     let sandbox_id = parse_sandbox_id(&sandbox_id)?;
-    let record = cp
-        .store()
-        .get_live_sandbox(&sandbox_id)
-        .await?
-        .ok_or_else(|| sandbox_not_found(&sandbox_id))?;
+    let record = cp.live_sandbox(&sandbox_id).await?;
     Ok(Json(sandbox_detail(&cp, &record)))
 }
 
@@ -227,17 +225,21 @@ pub(crate) async fn connect_v2(
     connect(cp, &sandbox_id, body).await
 }
 
-/// Connects to a running sandbox: its timeout becomes at least `timeout` seconds from now.
+/// Connects to a sandbox: a paused one is resumed, and the timeout becomes at least
+/// `timeout` seconds from now.
 async fn connect(
     cp: ControlPlane,
     sandbox_id: &str,
     body: ConnectSandbox,
 ) -> Result<Json<CreatedSandbox>, ApiError> {
     let sandbox_id = parse_sandbox_id(sandbox_id)?;
+    if body.memory == Some(false) {
+        return Err(ApiError::bad_request(
+            "invalid memory false: Hearth resumes paused sandboxes with their memory only",
+        ));
+    }
     let timeout = body.timeout.unwrap_or(CONNECT_DEFAULT_TIMEOUT_SECS);
-    let record = cp
-        .extend_sandbox_timeout(&sandbox_id, "timeout", timeout)
-        .await?;
+    let record = cp.resume_sandbox(&sandbox_id, timeout, None, false).await?;
     tracing::info!(sandbox_id = %sandbox_id, end_at = %record.end_at, "client connected to sandbox");
     Ok(Json(created_sandbox(&cp, &record)))
 }
@@ -384,7 +386,7 @@ fn sandbox_detail(cp: &ControlPlane, record: &SandboxRecord) -> SandboxDetail {
         state: record.state.as_str().to_owned(),
         lifecycle: SandboxLifecycle {
             auto_resume: false,
-            on_timeout: "kill".to_owned(),
+            on_timeout: if record.auto_pause { "pause" } else { "kill" }.to_owned(),
         },
     }
 }
@@ -410,4 +412,138 @@ fn listed_sandbox(record: &SandboxRecord) -> ListedSandbox {
 /// so clients and benchmarks can tell Hearth's share from the VMM's restore.
 fn server_timing_header(timing: &ServerTiming) -> [(HeaderName, String); 1] {
     [(HeaderName::from_static("server-timing"), timing.header_value())]
+}
+
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/pause", tag = "sandboxes",
+    params(("sandboxID" = String, Path, description = "Sandbox ID")),
+    request_body(content = Option<SandboxPauseRequest>),
+    responses((status = 204, description = "Paused"), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 500, body = ErrorBody)))]
+pub(crate) async fn pause(
+    State(cp): State<ControlPlane>,
+    Path(sandbox_id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let sandbox_id = parse_sandbox_id(&sandbox_id)?;
+    let body: SandboxPauseRequest = parse_optional_body(&body)?;
+    if body.memory == Some(false) {
+        return Err(ApiError::bad_request(
+            "invalid memory false: Hearth pauses with memory only (mode \"full\")",
+        ));
+    }
+    if cp.pause_sandbox(&sandbox_id, "request").await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(StatusCode::CONFLICT, format!("sandbox {sandbox_id} is already paused")))
+    }
+}
+
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/resume", tag = "sandboxes",
+    params(("sandboxID" = String, Path, description = "Sandbox ID")),
+    request_body(content = Option<ResumedSandbox>),
+    responses((status = 201, body = CreatedSandbox), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(crate) async fn resume(
+    State(cp): State<ControlPlane>,
+    Path(sandbox_id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<CreatedSandbox>), ApiError> {
+    let sandbox_id = parse_sandbox_id(&sandbox_id)?;
+    let body: ResumedSandbox = parse_optional_body(&body)?;
+    if body.memory == Some(false) {
+        return Err(ApiError::bad_request(
+            "invalid memory false: Hearth resumes paused sandboxes with their memory only",
+        ));
+    }
+    let timeout = body.timeout.unwrap_or(crate::pausing::RESUME_DEFAULT_TIMEOUT_SECS);
+    let record = cp.resume_sandbox(&sandbox_id, timeout, body.auto_pause, true).await?;
+    Ok((StatusCode::CREATED, Json(created_sandbox(&cp, &record))))
+}
+
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/fork", tag = "sandboxes",
+    params(("sandboxID" = String, Path, description = "Sandbox ID")),
+    request_body(content = Option<SandboxForkRequest>),
+    responses((status = 201, body = Vec<SandboxForkResult>), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn fork(
+    State(cp): State<ControlPlane>,
+    Path(sandbox_id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Vec<SandboxForkResult>>), ApiError> {
+    let sandbox_id = parse_sandbox_id(&sandbox_id)?;
+    let body: SandboxForkRequest = parse_optional_body(&body)?;
+    let forks = cp
+        .fork_sandbox(
+            &sandbox_id,
+            body.timeout.unwrap_or(crate::pausing::RESUME_DEFAULT_TIMEOUT_SECS),
+            body.count.unwrap_or(1),
+        )
+        .await?;
+    let results = forks
+        .into_iter()
+        .map(|fork| match fork {
+            Ok(record) => SandboxForkResult { sandbox: Some(created_sandbox(&cp, &record)), error: None },
+            Err(err) => SandboxForkResult { sandbox: None, error: Some(err.body()) },
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(results)))
+}
+
+#[utoipa::path(post, path = "/sandboxes/{sandboxID}/snapshots", tag = "snapshots",
+    params(("sandboxID" = String, Path, description = "Sandbox ID")),
+    request_body(content = Option<SandboxSnapshotRequest>),
+    responses((status = 201, body = SnapshotInfo), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(crate) async fn create_snapshot(
+    State(cp): State<ControlPlane>,
+    Path(sandbox_id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<SnapshotInfo>), ApiError> {
+    let sandbox_id = parse_sandbox_id(&sandbox_id)?;
+    let body: SandboxSnapshotRequest = parse_optional_body(&body)?;
+    if body.memory == Some(false) {
+        return Err(ApiError::bad_request(
+            "invalid memory false: Hearth snapshots memory and filesystem together (mode \"full\")",
+        )
+        .with_error_code("snapshot_filesystem_only_disabled"));
+    }
+    let (snapshot_id, names) = cp.snapshot_sandbox(&sandbox_id, body.name).await?;
+    Ok((StatusCode::CREATED, Json(SnapshotInfo { snapshot_id: snapshot_id.to_string(), names })))
+}
+
+#[utoipa::path(get, path = "/snapshots", tag = "snapshots",
+    params(ListSnapshotsQuery),
+    responses((status = 200, body = Vec<SnapshotInfo>), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody)))]
+pub(crate) async fn list_snapshots(
+    State(cp): State<ControlPlane>,
+    ApiQuery(query): ApiQuery<ListSnapshotsQuery>,
+) -> Result<(HeaderMap, Json<Vec<SnapshotInfo>>), ApiError> {
+    let limit = parse_limit(query.limit.as_deref())?;
+    let offset = match query.next_token.as_deref().filter(|token| !token.is_empty()) {
+        Some(token) => token
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request(format!("invalid nextToken {token:?}")))?,
+        None => 0,
+    };
+    let all = cp.store().list_snapshots(query.sandbox_id.as_deref(), query.name.as_deref()).await?;
+    let total = all.len();
+    let page: Vec<SnapshotInfo> = all
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|snapshot| SnapshotInfo {
+            snapshot_id: snapshot.snapshot_id.to_string(),
+            names: snapshot.name.into_iter().collect(),
+        })
+        .collect();
+    let mut headers = HeaderMap::new();
+    if offset + page.len() < total {
+        headers.insert(
+            HeaderName::from_static(NEXT_TOKEN_HEADER),
+            (offset + page.len()).to_string().parse().expect("digits are a valid header value"),
+        );
+    }
+    Ok((headers, Json(page)))
 }

@@ -7,6 +7,7 @@
 
 mod api_keys;
 mod sandboxes;
+mod snapshots;
 mod templates;
 
 use std::borrow::Cow;
@@ -20,17 +21,17 @@ use sqlx::{SqlSafeStr, SqlitePool};
 
 pub use api_keys::{ApiKeyRecord, CreatedApiKey};
 pub use sandboxes::{NewSandboxRecord, SandboxListFilter, SandboxRecord, SandboxState};
+pub use snapshots::SnapshotRecord;
 pub use templates::{BuildRecord, BuildStatus, TemplateBuildRecord, TemplateRecord};
 
 /// File name of the SQLite database inside the data directory.
 pub const DATABASE_FILE: &str = "hearth.db";
 
 /// Schema migrations, embedded so the binary needs no files beside it.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial", include_str!("../../migrations/0001_initial.sql")),
+    (2, "pause and snapshots", include_str!("../../migrations/0002_pause_and_snapshots.sql")),
+];
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]

@@ -267,6 +267,86 @@ impl Store {
         Ok(result.rows_affected() > 0)
     }
 
+    /// Marks a running sandbox paused. Returns false when it was not running.
+    pub async fn mark_sandbox_paused(&self, sandbox_id: &SandboxId, at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE sandboxes SET state = 'paused', paused_at = $2 WHERE sandbox_id = $1 AND state = 'running'",
+        )
+        .bind(sandbox_id.as_str())
+        .bind(to_millis(at))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Marks a paused sandbox running again until `end_at`. Returns false when it was not paused.
+    pub async fn mark_sandbox_resumed(&self, sandbox_id: &SandboxId, end_at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE sandboxes SET state = 'running', paused_at = NULL, end_at = $2 \
+             WHERE sandbox_id = $1 AND state = 'paused'",
+        )
+        .bind(sandbox_id.as_str())
+        .bind(to_millis(end_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Sets whether a sandbox pauses instead of ending at its timeout.
+    pub async fn set_sandbox_auto_pause(&self, sandbox_id: &SandboxId, auto_pause: bool) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET auto_pause = $2 WHERE sandbox_id = $1")
+            .bind(sandbox_id.as_str())
+            .bind(i64::from(auto_pause))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// IDs of the sandboxes recorded as paused.
+    pub async fn list_paused_sandbox_ids(&self) -> Result<Vec<SandboxId>, StoreError> {
+        let rows = sqlx::query("SELECT sandbox_id FROM sandboxes WHERE state = 'paused' ORDER BY sandbox_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("sandbox_id")?;
+                SandboxId::parse(&id).map_err(|_| StoreError::Corrupt { column: "sandbox_id", value: id })
+            })
+            .collect()
+    }
+
+    /// Marks a live sandbox killed and records why. Returns false when it was already
+    /// killed or never existed.
+    pub async fn mark_sandbox_ended(
+        &self,
+        sandbox_id: &SandboxId,
+        at: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "UPDATE sandboxes SET state = 'killed', killed_at = $2, end_reason = $3 \
+             WHERE sandbox_id = $1 AND state <> 'killed'",
+        )
+        .bind(sandbox_id.as_str())
+        .bind(to_millis(at))
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// Why a killed sandbox ended, when something other than a request ended it.
+    pub async fn sandbox_end_reason(&self, sandbox_id: &SandboxId) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT end_reason FROM sandboxes WHERE sandbox_id = $1 AND state = 'killed'")
+            .bind(sandbox_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get("end_reason")?,
+            None => None,
+        })
+    }
+
     /// Marks a live sandbox killed. Returns false when it was already killed or never existed.
     pub async fn mark_sandbox_killed(
         &self,

@@ -72,11 +72,14 @@ def main():
     except SandboxException as err:
         check("400" in str(err), f"set_timeout error {err}")
 
-    try:
-        sandbox.pause()
-        check(False, "pause succeeded")
-    except SandboxException as err:
-        check("501" in str(err), f"pause error {err}")
+    check(sandbox.pause() is True, "pause returned False")
+    check(sandbox.pause() is False, "second pause returned True")
+    paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+    check([s.sandbox_id for s in paused] == [sandbox.sandbox_id], f"paused list {paused}")
+    check(Sandbox.get_info(sandbox.sandbox_id).state == SandboxState.PAUSED, "state is not paused")
+    resumed = Sandbox.connect(sandbox.sandbox_id)
+    check(resumed.sandbox_id == sandbox.sandbox_id, "connect resumed another sandbox")
+    check(Sandbox.get_info(sandbox.sandbox_id).state == SandboxState.RUNNING, "connect did not resume")
 
     check(Sandbox.kill(sandbox.sandbox_id) is True, "kill returned False")
     check(Sandbox.kill(sandbox.sandbox_id) is False, "second kill returned True")

@@ -1,0 +1,172 @@
+//! Pause, resume, fork and snapshot routes through the axum router, against a real SQLite
+//! file and the recording runtime, including injected pause failures.
+
+mod common;
+
+use axum::http::{Method, StatusCode};
+use common::*;
+use hearth_control_plane::testing::{PauseFailure, RecordingRuntime};
+use hearth_types::SandboxId;
+use serde_json::json;
+
+async fn state_of(h: &Harness, id: &str) -> String {
+    let reply = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    reply.body["state"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn pause_then_resume_moves_the_state_and_lists_by_state() {
+    let h = harness().await;
+    let id = h.create(json!({"templateID": "base"})).await;
+
+    let paused = h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    assert_eq!(paused.status, StatusCode::NO_CONTENT, "{}", paused.text);
+    assert_eq!(state_of(&h, &id).await, "paused");
+    assert!(h.runtime.is_paused(&SandboxId::parse(&id).unwrap()));
+    let listed = h.call(Method::GET, "/v2/sandboxes?state=paused", None).await;
+    assert_eq!(listed.body.as_array().unwrap().len(), 1);
+    let running = h.call(Method::GET, "/v2/sandboxes?state=running", None).await;
+    assert_eq!(running.body, json!([]));
+
+    let again = h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    assert_error(&again, StatusCode::CONFLICT);
+
+    let resumed = h.call(Method::POST, &format!("/sandboxes/{id}/resume"), Some(json!({"timeout": 60}))).await;
+    assert_eq!(resumed.status, StatusCode::CREATED, "{}", resumed.text);
+    assert_eq!(resumed.body["sandboxID"], id);
+    assert_eq!(state_of(&h, &id).await, "running");
+
+    let twice = h.call(Method::POST, &format!("/sandboxes/{id}/resume"), None).await;
+    assert_error(&twice, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn connect_resumes_a_paused_sandbox() {
+    let h = harness().await;
+    let id = h.create(json!({"templateID": "base"})).await;
+    h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+
+    let connected = h.call(Method::POST, &format!("/v2/sandboxes/{id}/connect"), Some(json!({"timeout": 30}))).await;
+
+    assert_eq!(connected.status, StatusCode::OK, "{}", connected.text);
+    assert_eq!(state_of(&h, &id).await, "running");
+}
+
+#[tokio::test]
+async fn failed_pause_that_keeps_the_guest_leaves_it_running() {
+    let h = harness().await;
+    let id = h.create(json!({"templateID": "base"})).await;
+    h.runtime.fail_pauses(Some(PauseFailure::KeepsRunning));
+
+    let reply = h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+
+    assert_error(&reply, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(reply.body["message"].as_str().unwrap().contains("still running"), "{}", reply.text);
+    assert_eq!(state_of(&h, &id).await, "running");
+}
+
+#[tokio::test]
+async fn failed_pause_that_loses_the_guest_marks_it_killed_with_the_reason() {
+    let h = harness().await;
+    let id = h.create(json!({"templateID": "base"})).await;
+    h.runtime.fail_pauses(Some(PauseFailure::Killed));
+
+    let reply = h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+
+    assert_error(&reply, StatusCode::INTERNAL_SERVER_ERROR);
+    let get = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
+    assert_error(&get, StatusCode::NOT_FOUND);
+    assert!(get.body["message"].as_str().unwrap().contains("pause failed"), "{}", get.text);
+    let listed = h.call(Method::GET, "/v2/sandboxes", None).await;
+    assert_eq!(listed.body, json!([]));
+}
+
+#[tokio::test]
+async fn auto_pause_pauses_at_the_timeout_instead_of_killing() {
+    let h = harness().await;
+    let id = h.create(json!({"templateID": "base", "timeout": 1, "autoPause": true})).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    h.control_plane.reap_expired().await.unwrap();
+
+    assert_eq!(state_of(&h, &id).await, "paused");
+}
+
+#[tokio::test]
+async fn kill_of_a_paused_sandbox_deletes_its_state() {
+    let h = harness().await;
+    let id = h.create(json!({"templateID": "base"})).await;
+    h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+
+    let reply = h.call(Method::DELETE, &format!("/sandboxes/{id}"), None).await;
+
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    assert!(!h.runtime.is_paused(&SandboxId::parse(&id).unwrap()));
+}
+
+#[tokio::test]
+async fn fork_returns_one_sandbox_per_count_and_rejects_bad_counts() {
+    let h = harness().await;
+    let id = h.create(json!({"templateID": "base"})).await;
+
+    let reply = h.call(Method::POST, &format!("/sandboxes/{id}/fork"), Some(json!({"count": 3, "timeout": 60}))).await;
+
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+    let forks = reply.body.as_array().unwrap();
+    assert_eq!(forks.len(), 3);
+    for fork in forks {
+        let fork_id = fork["sandbox"]["sandboxID"].as_str().unwrap();
+        assert_ne!(fork_id, id);
+        assert_eq!(state_of(&h, fork_id).await, "running");
+    }
+    let bad = h.call(Method::POST, &format!("/sandboxes/{id}/fork"), Some(json!({"count": 21}))).await;
+    assert_error(&bad, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn snapshot_registers_a_template_that_creates_sandboxes() {
+    let h = harness().await;
+    let id = h.create(json!({"templateID": "base"})).await;
+
+    let reply = h.call(Method::POST, &format!("/sandboxes/{id}/snapshots"), Some(json!({"name": "my-snap"}))).await;
+
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+    let snapshot_id = reply.body["snapshotID"].as_str().unwrap().to_owned();
+    assert_eq!(reply.body["names"], json!(["my-snap"]));
+    let listed = h.call(Method::GET, &format!("/snapshots?sandboxID={id}"), None).await;
+    assert_eq!(listed.body, json!([{"snapshotID": snapshot_id, "names": ["my-snap"]}]));
+    for template in [snapshot_id.as_str(), "my-snap"] {
+        let created = h.call(Method::POST, "/v2/sandboxes", Some(json!({"templateID": template}))).await;
+        assert_eq!(created.status, StatusCode::CREATED, "{template}: {}", created.text);
+    }
+    let bad = h.call(Method::POST, &format!("/sandboxes/{id}/snapshots"), Some(json!({"name": "../x"}))).await;
+    assert_error(&bad, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn restart_keeps_paused_sandboxes_and_reports_lost_ones() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let h = harness_in(data_dir, RecordingRuntime::new()).await;
+    let kept = h.create(json!({"templateID": "base"})).await;
+    let lost = h.create(json!({"templateID": "base"})).await;
+    let running = h.create(json!({"templateID": "base"})).await;
+    for id in [&kept, &lost] {
+        h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    }
+    let Harness { data_dir, .. } = h;
+
+    // The node finds only `kept` paused on disk and runs nothing.
+    let runtime = RecordingRuntime::new();
+    runtime.set_paused([SandboxId::parse(&kept).unwrap()]);
+    let h = harness_in(data_dir, runtime).await;
+
+    assert_eq!(state_of(&h, &kept).await, "paused");
+    for id in [&lost, &running] {
+        let reply = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
+        assert_error(&reply, StatusCode::NOT_FOUND);
+        assert!(reply.body["message"].as_str().unwrap().contains("was killed"), "{}", reply.text);
+    }
+    let resumed = h.call(Method::POST, &format!("/sandboxes/{kept}/resume"), None).await;
+    assert_eq!(resumed.status, StatusCode::CREATED, "{}", resumed.text);
+}
