@@ -7,7 +7,7 @@ use hearth_network::Slot;
 use hearth_storage::{DataDir, ManifestError, ManifestFile, TemplateBuildPaths, TemplateManifest, MANIFEST_FORMAT_VERSION};
 use hearth_types::guest::ENVD_PORT;
 use hearth_types::{BuildId, TemplateId, ENVD_VERSION};
-use hearth_vmm::{BootSpec, DiskFormat, DiskSpec, MachineSize, QemuDriver, SnapshotTarget, QemuVm, Vm, VmPlacement, VmmError};
+use hearth_vmm::{BootSpec, DiskFormat, DiskSpec, MachineSize, SnapshotTarget, Vm, VmPlacement, VmmDriver, VmmError};
 use sha2::{Digest, Sha256};
 
 use crate::initramfs::{write_initramfs, InitramfsError, InitramfsSpec, BUSYBOX_STATIC};
@@ -150,7 +150,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
 /// directory appears complete or not at all.
 pub async fn build_base_template(
     options: &BaseTemplateOptions,
-    driver: &QemuDriver,
+    driver: &dyn VmmDriver,
     slot: &Slot,
     progress: &(dyn Fn(BuildProgress) + Send + Sync),
 ) -> Result<BuiltTemplate, BuildError> {
@@ -188,7 +188,7 @@ pub async fn build_base_template(
 
 async fn build_in(
     options: &BaseTemplateOptions,
-    driver: &QemuDriver,
+    driver: &dyn VmmDriver,
     slot: &Slot,
     progress: &(dyn Fn(BuildProgress) + Send + Sync),
     staging: &Path,
@@ -247,7 +247,7 @@ async fn build_in(
     let boot_to_health = boot_and_snapshot(options, driver, slot, &paths, &report).await?;
 
     report(BuildStep::Manifest, "writing manifest".into());
-    let manifest = write_manifest(options, &paths, &kernel.release).await?;
+    let manifest = write_manifest(driver.kind(), options, &paths, &kernel.release).await?;
     Ok((manifest, boot_to_health, started.elapsed()))
 }
 
@@ -255,12 +255,12 @@ async fn build_in(
 /// launch until `/health` responded.
 async fn boot_and_snapshot(
     options: &BaseTemplateOptions,
-    driver: &QemuDriver,
+    driver: &dyn VmmDriver,
     slot: &Slot,
     paths: &TemplateBuildPaths,
     report: &(dyn Fn(BuildStep, String) + Send + Sync),
 ) -> Result<Duration, BuildError> {
-    report(BuildStep::Boot, format!("booting with {} in {}", driver.accel().accel, slot.netns));
+    report(BuildStep::Boot, format!("booting with {} in {}", driver.kind(), slot.netns));
     let spec = BootSpec {
         machine: options.machine,
         memory_file: paths.memory(),
@@ -275,7 +275,7 @@ async fn boot_and_snapshot(
     let mut attempt = 1;
     let (mut vm, launched, waited) = loop {
         let launched = Instant::now();
-        let mut vm = driver.boot_vm(&spec).await?;
+        let mut vm = driver.boot(&spec).await?;
         let waited = wait_for_health(&mut vm, &url, attempt_timeout).await;
         match waited {
             Err(BuildError::HealthTimeout { .. }) if attempt < BOOT_ATTEMPTS => {
@@ -308,7 +308,7 @@ async fn boot_and_snapshot(
     result
 }
 
-async fn wait_for_health(vm: &mut QemuVm, url: &str, timeout: Duration) -> Result<(), BuildError> {
+async fn wait_for_health(vm: &mut Box<dyn Vm>, url: &str, timeout: Duration) -> Result<(), BuildError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
         .no_proxy()
@@ -335,7 +335,7 @@ async fn wait_for_health(vm: &mut QemuVm, url: &str, timeout: Duration) -> Resul
     }
 }
 
-fn console_tail(vm: &QemuVm) -> String {
+fn console_tail(vm: &Box<dyn Vm>) -> String {
     let text = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
     let start = text.len().saturating_sub(1500);
     let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
@@ -344,6 +344,7 @@ fn console_tail(vm: &QemuVm) -> String {
 
 /// Records every artifact's size (and the SHA-256 of the small ones) and writes the manifest.
 async fn write_manifest(
+    vmm: hearth_vmm::VmmKind,
     options: &BaseTemplateOptions,
     paths: &TemplateBuildPaths,
     kernel_release: &str,
@@ -379,7 +380,7 @@ async fn write_manifest(
         disk_size_bytes: options.disk_size_bytes,
         files,
         created_at_unix_secs: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        vmm: "qemu".into(),
+        vmm: vmm.as_str().into(),
         snapshot: None,
     };
     manifest.store(&paths.manifest())?;

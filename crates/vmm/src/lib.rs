@@ -214,6 +214,12 @@ pub trait Vm: Send + Sync {
     /// Process ID of the VMM.
     fn pid(&self) -> u32;
 
+    /// Whether the VMM process is still alive.
+    fn is_running(&mut self) -> bool;
+
+    /// File holding the guest's serial console output.
+    fn console_log(&self) -> PathBuf;
+
     /// Pauses the guest, flushes its disk and writes a snapshot to `target`, leaving the
     /// guest paused: [`Vm::resume`] continues it, [`Vm::stop`] ends it. On error the guest
     /// may be paused or running; call [`Vm::resume`] to keep it.

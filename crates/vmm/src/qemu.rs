@@ -405,6 +405,14 @@ impl Vm for QemuVm {
         self.pid
     }
 
+    fn is_running(&mut self) -> bool {
+        QemuVm::is_running(self)
+    }
+
+    fn console_log(&self) -> PathBuf {
+        QemuVm::console_log(self)
+    }
+
     async fn snapshot(&mut self, target: &SnapshotTarget) -> Result<SnapshotReport, VmmError> {
         let started = Instant::now();
         let pid = self.pid;

@@ -4,6 +4,7 @@ mod doctor;
 mod keys;
 mod serve;
 mod template;
+mod vmm;
 
 use std::path::PathBuf;
 

@@ -10,7 +10,6 @@ use hearth_network::{InstanceId, SlotPool, SlotPoolConfig};
 use hearth_node_agent::{NodeAgent, NodeConfig};
 use hearth_proxy::{Proxy, ProxyConfig};
 use hearth_storage::DataDir;
-use hearth_vmm::QemuDriver;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -25,6 +24,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     envd: EnvdArgs,
+
+    #[command(flatten)]
+    vmm: super::vmm::VmmArgs,
 
     /// Address of the REST API (E2B_API_URL).
     #[arg(long, env = "HEARTH_API_LISTEN", default_value = "127.0.0.1:3000")]
@@ -73,16 +75,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to listen on {} for the proxy", args.proxy_listen))?;
 
-    let driver = Arc::new(QemuDriver::from_env());
-    let accel = driver.accel().clone();
+    let driver = args.vmm.driver()?;
     let instance = InstanceId::from_data_dir(&data_root).context("failed to derive the instance ID")?;
     let mut pool_config = SlotPoolConfig::new(instance.clone());
     pool_config.ready_target = args.slot_pool_size;
     let slots = SlotPool::start(pool_config).await.context("failed to start the network slot pool")?;
     tracing::info!(
-        vmm = "qemu",
-        accel = %accel.accel,
-        accel_reason = %accel.reason,
+        vmm = %driver.kind(),
         api = %args.api_listen,
         proxy = %args.proxy_listen,
         data_dir = %data_root.display(),
@@ -98,7 +97,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let node = Arc::new(NodeAgent::new(
         NodeConfig { data_dir: data_dir.clone(), envd_ready_timeout: Duration::from_secs(args.envd_ready_timeout_secs) },
-        driver.clone() as Arc<dyn hearth_vmm::VmmDriver>,
+        driver.clone(),
         slots,
     ));
     node.recover();
@@ -118,7 +117,7 @@ async fn serve_until_signal(
     data_dir: &DataDir,
     cp_config: ControlPlaneConfig,
     node: Arc<NodeAgent>,
-    driver: Arc<QemuDriver>,
+    driver: Arc<dyn hearth_vmm::VmmDriver>,
     api_listener: TcpListener,
     proxy_listener: TcpListener,
 ) -> anyhow::Result<()> {

@@ -141,12 +141,19 @@ pub async fn ensure_base_template(
     data_dir: &DataDir,
     store: &Store,
     slots: &SlotPool,
-    driver: &QemuDriver,
+    driver: &dyn hearth_vmm::VmmDriver,
     envd: &EnvdArgs,
 ) -> anyhow::Result<()> {
     if let Some(dir) = ready_build_dir(data_dir, store, BASE_ALIAS).await? {
-        tracing::info!(path = %dir.display(), "base template is ready");
-        return Ok(());
+        let built_by = hearth_storage::TemplateManifest::load(&dir.join("manifest.json")).map(|manifest| manifest.vmm);
+        match built_by {
+            Ok(vmm) if vmm == driver.kind().as_str() => {
+                tracing::info!(path = %dir.display(), "base template is ready");
+                return Ok(());
+            }
+            Ok(vmm) => tracing::warn!(path = %dir.display(), built_by = %vmm, driver = %driver.kind(), "base template was snapshotted by another VMM; building it again"),
+            Err(err) => tracing::warn!(path = %dir.display(), error = %err, "base template manifest is unreadable; building it again"),
+        }
     }
     tracing::info!("base template missing: building it now (debootstrap, kernel, first boot; several minutes under TCG)");
     build_and_register(data_dir, store, slots, driver, envd).await?;
@@ -157,7 +164,7 @@ async fn build_and_register(
     data_dir: &DataDir,
     store: &Store,
     slots: &SlotPool,
-    driver: &QemuDriver,
+    driver: &dyn hearth_vmm::VmmDriver,
     envd: &EnvdArgs,
 ) -> anyhow::Result<PathBuf> {
     let envd_binary = envd.resolve()?;

@@ -636,6 +636,15 @@ impl Vm for FirecrackerVm {
         self.pid
     }
 
+    fn is_running(&mut self) -> bool {
+        FirecrackerVm::is_running(self)
+    }
+
+    fn console_log(&self) -> PathBuf {
+        // Firecracker writes the guest's serial console to its standard output.
+        self.vmm_log()
+    }
+
     async fn snapshot(&mut self, target: &SnapshotTarget) -> Result<SnapshotReport, VmmError> {
         let started = Instant::now();
         let pid = self.pid;
