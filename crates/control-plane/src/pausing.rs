@@ -97,6 +97,7 @@ impl ControlPlane {
             // envd keeps the variables from the create in its restored memory.
             env_vars: HashMap::new(),
             envd_access_token: record.envd_access_token.clone(),
+            previous_access_token: None,
             allow_internet_access: record.allow_internet_access.unwrap_or(true),
         };
         match self.runtime().resume(spec).await {
@@ -152,6 +153,7 @@ impl ControlPlane {
                 memory_mib: parent.memory_mib,
                 env_vars: HashMap::new(),
                 envd_access_token: parent.envd_access_token.clone(),
+                previous_access_token: None,
                 allow_internet_access: parent.allow_internet_access.unwrap_or(true),
             })
             .collect();

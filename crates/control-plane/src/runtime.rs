@@ -25,6 +25,9 @@ pub struct SandboxSpec {
     pub env_vars: HashMap<String, String>,
     /// Token envd requires in `X-Access-Token` when the sandbox was created with `secure`.
     pub envd_access_token: Option<String>,
+    /// Token the restored guest's envd already requires, when its snapshot was taken from
+    /// a secured sandbox (a named snapshot); `/init` sends it to be allowed to set the new one.
+    pub previous_access_token: Option<String>,
     /// False when the request set `allow_internet_access: false`: the sandbox must not reach
     /// the internet. True when the request allowed it or left it unset.
     pub allow_internet_access: bool,

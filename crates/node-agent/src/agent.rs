@@ -273,6 +273,7 @@ impl NodeAgent {
         let request = InitRequest {
             env_vars: &spec.env_vars,
             access_token: spec.envd_access_token.as_deref(),
+            previous_access_token: spec.previous_access_token.as_deref(),
             timestamp: String::new(),
             default_user: DEFAULT_USER,
             default_workdir: DEFAULT_WORKDIR,

@@ -35,6 +35,9 @@ pub struct InitRequest<'a> {
     /// Token envd requires in `X-Access-Token`; `None` leaves envd open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_token: Option<&'a str>,
+    /// Token the guest's envd already requires, sent in `X-Access-Token`.
+    #[serde(skip)]
+    pub previous_access_token: Option<&'a str>,
     /// Host wall clock in RFC 3339, so a guest restored from an old snapshot is not in the
     /// past. [`EnvdClient::init_when_ready`] replaces it with the time of each attempt.
     pub timestamp: String,
@@ -79,7 +82,11 @@ impl EnvdClient {
             body["timestamp"] = serde_json::Value::String(
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             );
-            match self.http.post(&url).json(&body).send().await {
+            let mut post = self.http.post(&url).json(&body);
+            if let Some(previous) = request.previous_access_token {
+                post = post.header("X-Access-Token", previous);
+            }
+            match post.send().await {
                 Ok(response) if response.status().is_success() => {
                     tracing::debug!(%address, attempt, waited_us = started.elapsed().as_micros() as u64, "envd initialised");
                     return Ok(());

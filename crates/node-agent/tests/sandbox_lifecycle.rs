@@ -78,6 +78,7 @@ async fn vm_start_init_and_stop_cleanly() {
         memory_mib: manifest.memory_mib,
         env_vars: HashMap::from([("HEARTH_TEST_VAR".to_owned(), "value with spaces".to_owned())]),
         envd_access_token: Some("test-token".to_owned()),
+        previous_access_token: None,
         allow_internet_access: true,
     };
     let started = node.start(spec).await.unwrap();

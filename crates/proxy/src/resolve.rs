@@ -1,9 +1,9 @@
 //! Name resolution for backend connections: a sandbox ID resolves to its slot address.
 //!
 //! The proxy's client pools connections by URI authority. Backend URIs name the sandbox
-//! (`http://<sandboxID>:<port>/...`) rather than its slot address, so a slot address that
-//! passes to a new sandbox after a kill never gets a pooled connection of the old one,
-//! whose guest is gone.
+//! and its slot address (`http://<sandboxID>.<a-b-c-d>:<port>/...`), so a slot address
+//! that passes to a new sandbox after a kill never gets a pooled connection of the old
+//! one, and a sandbox resumed into another slot never gets a connection to its old slot.
 
 use std::future::{ready, Ready};
 use std::net::SocketAddr;
@@ -37,11 +37,18 @@ impl tower_service::Service<Name> for SandboxResolver {
 
     fn call(&mut self, name: Name) -> Self::Future {
         // The connector replaces port 0 with the port of the request URI.
-        let result = match self.routes.lookup(name.as_str()) {
-            Some(route) => Ok(vec![SocketAddr::from((route.address, 0))].into_iter()),
+        let (sandbox_id, address) = name.as_str().split_once('.').unwrap_or((name.as_str(), ""));
+        let result = match self.routes.lookup(sandbox_id) {
+            Some(route) if route.address.to_string().replace('.', "-") == address => {
+                Ok(vec![SocketAddr::from((route.address, 0))].into_iter())
+            }
+            Some(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("sandbox {sandbox_id} moved to another address"),
+            )),
             None => Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("sandbox {} is not running on this node", name.as_str()),
+                format!("sandbox {sandbox_id} is not running on this node"),
             )),
         };
         ready(result)

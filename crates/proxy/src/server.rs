@@ -177,8 +177,11 @@ impl Proxy {
         check_traffic_token(&route, &target, &parts.headers)?;
 
         let upstream = SocketAddr::from((route.address, target.port));
-        // Sandbox IDs are DNS labels ([a-z0-9]), so they form a valid authority.
-        let authority = format!("{}:{}", target.sandbox_id, target.port);
+        // The pool key names the sandbox and its current address, so connections of a
+        // sandbox that moved (a resume into another slot) or of an address that passed to
+        // another sandbox are never reused. Sandbox IDs are DNS labels ([a-z0-9]) and the
+        // address is written with dashes, so both form a valid authority.
+        let authority = format!("{}.{}:{}", target.sandbox_id, route.address.to_string().replace('.', "-"), target.port);
         prepare_request(&mut parts, &authority, client, upgrade);
         let request = Request::from_parts(parts, body);
 

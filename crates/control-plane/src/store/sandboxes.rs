@@ -302,6 +302,18 @@ impl Store {
         Ok(())
     }
 
+    /// The envd access token of a sandbox in any state, including killed.
+    pub async fn sandbox_access_token(&self, sandbox_id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT envd_access_token FROM sandboxes WHERE sandbox_id = $1")
+            .bind(sandbox_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get("envd_access_token")?,
+            None => None,
+        })
+    }
+
     /// IDs of the sandboxes recorded as paused.
     pub async fn list_paused_sandbox_ids(&self) -> Result<Vec<SandboxId>, StoreError> {
         let rows = sqlx::query("SELECT sandbox_id FROM sandboxes WHERE state = 'paused' ORDER BY sandbox_id")
