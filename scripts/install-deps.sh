@@ -13,7 +13,7 @@ venv="${HEARTH_VENV:-/opt/hearth-venv}"
 
 packages=(
     qemu-system-x86 qemu-utils debootstrap busybox-static e2fsprogs cpio xz-utils zstd
-    nftables iproute2 conntrack curl ca-certificates python3-venv build-essential pkg-config
+    nftables iproute2 conntrack curl ca-certificates python3-venv build-essential pkg-config unzip
 )
 missing=()
 for package in "${packages[@]}"; do
@@ -34,3 +34,6 @@ if [[ ! -x "$venv/bin/python" ]]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check -r "$root_dir/tests/sdk/requirements.txt"
+
+# Firecracker, for the driver's API test here and for KVM hosts.
+"$root_dir/scripts/install-firecracker.sh"
