@@ -9,8 +9,8 @@ pub mod auth;
 pub mod error;
 mod lifecycle;
 pub mod models;
-pub mod runtime;
 mod pausing;
+pub mod runtime;
 mod sandboxes;
 pub mod store;
 pub mod testing;
@@ -101,7 +101,9 @@ struct Inner {
     /// Becomes true when [`ControlPlane::shutdown`] starts.
     shutting_down: watch::Sender<bool>,
     /// Per-sandbox locks of [`ControlPlane::lock_sandbox`].
-    sandbox_locks: std::sync::Mutex<std::collections::HashMap<hearth_types::SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+    sandbox_locks: std::sync::Mutex<
+        std::collections::HashMap<hearth_types::SandboxId, Arc<tokio::sync::Mutex<()>>>,
+    >,
 }
 
 /// Opens the store, reconciles it with the runtime and returns the API router and the

@@ -51,7 +51,10 @@ impl ControlPlane {
         let mut killed = 0;
         for sandbox in expired {
             if sandbox.auto_pause {
-                match self.pause_sandbox(&sandbox.sandbox_id, "timeout with autoPause").await {
+                match self
+                    .pause_sandbox(&sandbox.sandbox_id, "timeout with autoPause")
+                    .await
+                {
                     Ok(_) => continue,
                     Err(err) => {
                         tracing::error!(sandbox_id = %sandbox.sandbox_id, error = ?err, "pause at the timeout failed; killing the sandbox");
@@ -61,7 +64,7 @@ impl ControlPlane {
             self.stop_quietly(&sandbox.sandbox_id, "timeout").await;
             if self
                 .store()
-                .mark_sandbox_killed(&sandbox.sandbox_id, Utc::now())
+                .mark_sandbox_ended(&sandbox.sandbox_id, Utc::now(), "its timeout passed")
                 .await?
             {
                 tracing::info!(sandbox_id = %sandbox.sandbox_id, end_at = %sandbox.end_at, "sandbox killed at its timeout");
@@ -81,8 +84,12 @@ impl ControlPlane {
             .await?
             .into_iter()
             .collect();
-        let recorded_paused: HashSet<SandboxId> =
-            self.store().list_paused_sandbox_ids().await?.into_iter().collect();
+        let recorded_paused: HashSet<SandboxId> = self
+            .store()
+            .list_paused_sandbox_ids()
+            .await?
+            .into_iter()
+            .collect();
         let running: HashSet<SandboxId> = self.runtime().running().await.into_iter().collect();
         let paused: HashSet<SandboxId> = self.runtime().paused().await.into_iter().collect();
 
@@ -90,20 +97,30 @@ impl ControlPlane {
         for sandbox_id in recorded.difference(&running) {
             if paused.contains(sandbox_id) {
                 // The pause finished on the node just before the server stopped.
-                self.store().mark_sandbox_paused(sandbox_id, Utc::now()).await?;
+                self.store()
+                    .mark_sandbox_paused(sandbox_id, Utc::now())
+                    .await?;
                 tracing::warn!(sandbox_id = %sandbox_id, "sandbox recorded as running was paused on the node; marked paused");
                 report.marked_paused.push(sandbox_id.clone());
                 continue;
             }
             let reason = "the server restarted and a running sandbox's VM does not survive that";
-            if self.store().mark_sandbox_ended(sandbox_id, Utc::now(), reason).await? {
+            if self
+                .store()
+                .mark_sandbox_ended(sandbox_id, Utc::now(), reason)
+                .await?
+            {
                 tracing::warn!(sandbox_id = %sandbox_id, reason, "sandbox recorded as running is not running on the node; marked killed");
                 report.marked_killed.push(sandbox_id.clone());
             }
         }
         for sandbox_id in recorded_paused.difference(&paused) {
             let reason = "its paused state is missing or incomplete on this node";
-            if self.store().mark_sandbox_ended(sandbox_id, Utc::now(), reason).await? {
+            if self
+                .store()
+                .mark_sandbox_ended(sandbox_id, Utc::now(), reason)
+                .await?
+            {
                 tracing::error!(sandbox_id = %sandbox_id, reason, "paused sandbox cannot be resumed; marked killed");
                 report.marked_killed.push(sandbox_id.clone());
             }
@@ -129,24 +146,32 @@ impl ControlPlane {
         Ok(report)
     }
 
-    /// Stops the reaper, refuses new sandboxes and kills every running sandbox through the
-    /// runtime, in parallel. Call it once before the process exits.
+    /// Stops the reaper and refuses new sandboxes. Then, in parallel, pauses every running
+    /// sandbox created with `autoPause` (so it survives the restart) and kills the others.
+    /// A sandbox whose pause fails is killed. Call it once before the process exits.
     pub async fn shutdown(&self) -> Result<(), StoreError> {
         self.inner.shutting_down.send_replace(true);
         let running = self.store().list_running_sandbox_ids().await?;
         tracing::info!(
             count = running.len(),
-            "shutting down: killing running sandboxes"
+            "shutting down: pausing autoPause sandboxes, killing the other running sandboxes"
         );
 
         let mut stops = JoinSet::new();
         for sandbox_id in running {
             let control_plane = self.clone();
             stops.spawn(async move {
+                let auto_pause = matches!(control_plane.store().get_live_sandbox(&sandbox_id).await, Ok(Some(record)) if record.auto_pause);
+                if auto_pause {
+                    match control_plane.pause_sandbox(&sandbox_id, "server shutdown with autoPause").await {
+                        Ok(_) => return Ok(false),
+                        Err(err) => tracing::error!(sandbox_id = %sandbox_id, error = ?err, "pause at shutdown failed; killing the sandbox"),
+                    }
+                }
                 control_plane.stop_quietly(&sandbox_id, "shutdown").await;
                 control_plane
                     .store()
-                    .mark_sandbox_killed(&sandbox_id, Utc::now())
+                    .mark_sandbox_ended(&sandbox_id, Utc::now(), "the server stopped while the sandbox was running")
                     .await
             });
         }

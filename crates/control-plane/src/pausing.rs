@@ -5,15 +5,15 @@
 //! reason (the node agent could not keep it). No path records a frozen VM as running.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use chrono::Utc;
 use hearth_types::{SandboxId, TemplateId};
 
 use crate::error::ApiError;
-use crate::runtime::{RuntimeError, SandboxSpec, SnapshotSpec, StartedSandbox};
-use crate::sandboxes::sandbox_not_found;
+use crate::runtime::{PausedSandbox, RuntimeError, SandboxSpec, SnapshotSpec, StartedSandbox};
+use crate::sandboxes::{sandbox_not_found, ServerTiming};
 use crate::store::{NewSandboxRecord, SandboxRecord, SandboxState, TemplateBuildRecord};
 use crate::{new_build_id, validate, ControlPlane};
 
@@ -24,27 +24,46 @@ pub(crate) const MAX_FORKS: i64 = 20;
 
 impl ControlPlane {
     /// Returns a per-sandbox lock that serialises pause, resume, fork, snapshot and kill.
-    pub(crate) async fn lock_sandbox(&self, sandbox_id: &SandboxId) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn lock_sandbox(
+        &self,
+        sandbox_id: &SandboxId,
+    ) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
-            let mut locks = self.inner.sandbox_locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = self
+                .inner
+                .sandbox_locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             locks.retain(|_, lock| std::sync::Arc::strong_count(lock) > 1);
             locks.entry(sandbox_id.clone()).or_default().clone()
         };
         lock.lock_owned().await
     }
 
-    /// Pauses a running sandbox. Returns false when it was already paused.
-    pub(crate) async fn pause_sandbox(&self, sandbox_id: &SandboxId, reason: &str) -> Result<bool, ApiError> {
+    /// Pauses a running sandbox. Returns `None` when it was already paused, else what the
+    /// pause wrote and the time it took.
+    pub(crate) async fn pause_sandbox(
+        &self,
+        sandbox_id: &SandboxId,
+        reason: &str,
+    ) -> Result<Option<(PausedSandbox, ServerTiming)>, ApiError> {
         let _guard = self.lock_sandbox(sandbox_id).await;
         let record = self.live_sandbox(sandbox_id).await?;
         if record.state == SandboxState::Paused {
-            return Ok(false);
+            return Ok(None);
         }
+        let started = Instant::now();
         match self.runtime().pause(sandbox_id).await {
             Ok(paused) => {
-                self.store().mark_sandbox_paused(sandbox_id, Utc::now()).await?;
+                self.store()
+                    .mark_sandbox_paused(sandbox_id, Utc::now())
+                    .await?;
                 tracing::info!(sandbox_id = %sandbox_id, reason, bytes_written = paused.bytes_written, "sandbox paused");
-                Ok(true)
+                let timing = ServerTiming {
+                    phases: paused.timings.clone(),
+                    total: started.elapsed(),
+                };
+                Ok(Some((paused, timing)))
             }
             Err(err) => Err(self.snapshot_failure(sandbox_id, "pause", err).await),
         }
@@ -52,41 +71,69 @@ impl ControlPlane {
 
     /// Maps a failed pause, snapshot or fork checkpoint to an error, recording a sandbox
     /// the node agent had to stop as killed with the reason.
-    async fn snapshot_failure(&self, sandbox_id: &SandboxId, what: &str, err: RuntimeError) -> ApiError {
+    async fn snapshot_failure(
+        &self,
+        sandbox_id: &SandboxId,
+        what: &str,
+        err: RuntimeError,
+    ) -> ApiError {
         match err {
             RuntimeError::PauseFailedRunning(_) => {
                 tracing::warn!(sandbox_id = %sandbox_id, error = %err, "{what} failed; the sandbox runs on");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} of sandbox {sandbox_id} failed: {err}"))
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{what} of sandbox {sandbox_id} failed: {err}"),
+                )
             }
             RuntimeError::PauseFailedKilled(_) | RuntimeError::NotFound(_) => {
                 let reason = format!("{what} failed: {err}");
-                if let Err(store_err) = self.store().mark_sandbox_ended(sandbox_id, Utc::now(), &reason).await {
+                if let Err(store_err) = self
+                    .store()
+                    .mark_sandbox_ended(sandbox_id, Utc::now(), &reason)
+                    .await
+                {
                     tracing::error!(sandbox_id = %sandbox_id, error = %store_err, "failed to record a sandbox ended by a failed {what}");
                 }
                 tracing::error!(sandbox_id = %sandbox_id, reason = %reason, "sandbox ended by a failed {what}");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} of sandbox {sandbox_id} failed and the sandbox was killed: {err}"))
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "{what} of sandbox {sandbox_id} failed and the sandbox was killed: {err}"
+                    ),
+                )
             }
-            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} of sandbox {sandbox_id} failed: {other}")),
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{what} of sandbox {sandbox_id} failed: {other}"),
+            ),
         }
     }
 
-    /// Resumes a paused sandbox for `timeout_secs`. A running sandbox gets 409 when
-    /// `conflict_if_running`, else its timeout is extended (the connect routes).
+    /// Resumes a paused sandbox for `timeout_secs` and returns it with the resume's
+    /// timing. A running sandbox gets 409 when `conflict_if_running`, else its timeout is
+    /// extended (the connect routes) and no timing is returned.
     pub(crate) async fn resume_sandbox(
         &self,
         sandbox_id: &SandboxId,
         timeout_secs: i64,
         auto_pause: Option<bool>,
         conflict_if_running: bool,
-    ) -> Result<SandboxRecord, ApiError> {
+    ) -> Result<(SandboxRecord, Option<ServerTiming>), ApiError> {
         let timeout = validate::timeout_secs("timeout", timeout_secs, self.config().max_timeout)?;
         let _guard = self.lock_sandbox(sandbox_id).await;
         let record = self.live_sandbox(sandbox_id).await?;
         if record.state == SandboxState::Running {
             if conflict_if_running {
-                return Err(ApiError::new(StatusCode::CONFLICT, format!("sandbox {sandbox_id} is already running")));
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("sandbox {sandbox_id} is already running"),
+                ));
             }
-            return self.extend_sandbox_timeout(sandbox_id, "timeout", timeout_secs).await;
+            return Ok((
+                self.extend_sandbox_timeout(sandbox_id, "timeout", timeout_secs)
+                    .await?,
+                None,
+            ));
         }
         let spec = SandboxSpec {
             sandbox_id: sandbox_id.clone(),
@@ -100,16 +147,22 @@ impl ControlPlane {
             previous_access_token: None,
             allow_internet_access: record.allow_internet_access.unwrap_or(true),
         };
-        match self.runtime().resume(spec).await {
-            Ok(_) => {}
+        let started = Instant::now();
+        let resumed = match self.runtime().resume(spec).await {
+            Ok(resumed) => resumed,
             Err(err @ RuntimeError::PausedStateUnusable { .. }) => {
                 let reason = err.to_string();
-                self.store().mark_sandbox_ended(sandbox_id, Utc::now(), &reason).await?;
+                self.store()
+                    .mark_sandbox_ended(sandbox_id, Utc::now(), &reason)
+                    .await?;
                 tracing::error!(sandbox_id = %sandbox_id, reason = %reason, "paused sandbox lost");
                 return Err(ApiError::not_found(reason));
             }
             Err(RuntimeError::Capacity(message)) => {
-                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("failed to resume sandbox {sandbox_id}: {message}")))
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("failed to resume sandbox {sandbox_id}: {message}"),
+                ))
             }
             Err(err) => {
                 return Err(ApiError::new(
@@ -117,14 +170,22 @@ impl ControlPlane {
                     format!("failed to resume sandbox {sandbox_id}: {err}; it stays paused"),
                 ))
             }
-        }
+        };
         let end_at = Utc::now() + timeout;
-        self.store().mark_sandbox_resumed(sandbox_id, end_at).await?;
+        self.store()
+            .mark_sandbox_resumed(sandbox_id, end_at)
+            .await?;
         if let Some(auto_pause) = auto_pause {
-            self.store().set_sandbox_auto_pause(sandbox_id, auto_pause).await?;
+            self.store()
+                .set_sandbox_auto_pause(sandbox_id, auto_pause)
+                .await?;
         }
         tracing::info!(sandbox_id = %sandbox_id, end_at = %end_at, "sandbox resumed");
-        self.live_sandbox(sandbox_id).await
+        let timing = ServerTiming {
+            phases: resumed.timings,
+            total: started.elapsed(),
+        };
+        Ok((self.live_sandbox(sandbox_id).await?, Some(timing)))
     }
 
     /// Forks a running sandbox `count` times. The outer error fails the request; each
@@ -136,13 +197,18 @@ impl ControlPlane {
         count: i64,
     ) -> Result<Vec<Result<SandboxRecord, ApiError>>, ApiError> {
         if !(1..=MAX_FORKS).contains(&count) {
-            return Err(ApiError::bad_request(format!("invalid count {count}: must be between 1 and {MAX_FORKS}")));
+            return Err(ApiError::bad_request(format!(
+                "invalid count {count}: must be between 1 and {MAX_FORKS}"
+            )));
         }
         let timeout = validate::timeout_secs("timeout", timeout_secs, self.config().max_timeout)?;
         let _guard = self.lock_sandbox(sandbox_id).await;
         let parent = self.live_sandbox(sandbox_id).await?;
         if parent.state != SandboxState::Running {
-            return Err(ApiError::new(StatusCode::CONFLICT, format!("sandbox {sandbox_id} is paused; resume it to fork it")));
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("sandbox {sandbox_id} is paused; resume it to fork it"),
+            ));
         }
         let specs: Vec<SandboxSpec> = (0..count)
             .map(|_| SandboxSpec {
@@ -165,7 +231,10 @@ impl ControlPlane {
         for (spec, result) in specs.into_iter().zip(results) {
             forks.push(match result {
                 Ok(started) => self.record_started(&parent, &spec, &started, timeout).await,
-                Err(err) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("fork failed to start: {err}"))),
+                Err(err) => Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("fork failed to start: {err}"),
+                )),
             });
         }
         Ok(forks)
@@ -213,7 +282,10 @@ impl ControlPlane {
         sandbox_id: &SandboxId,
         name: Option<String>,
     ) -> Result<(TemplateId, Vec<String>), ApiError> {
-        let name = match name.map(|name| name.trim().to_owned()).filter(|name| !name.is_empty()) {
+        let name = match name
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+        {
             Some(name) => {
                 TemplateId::parse(&name).map_err(|_| {
                     ApiError::bad_request(format!(
@@ -227,12 +299,18 @@ impl ControlPlane {
         let _guard = self.lock_sandbox(sandbox_id).await;
         let record = self.live_sandbox(sandbox_id).await?;
         if record.state != SandboxState::Running {
-            return Err(ApiError::new(StatusCode::CONFLICT, format!("sandbox {sandbox_id} is paused; resume it to snapshot it")));
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("sandbox {sandbox_id} is paused; resume it to snapshot it"),
+            ));
         }
         let snapshot_id = TemplateId::parse(&format!("snap-{}", SandboxId::generate()))
             .expect("a generated sandbox ID makes a valid template ID");
         let build_id = new_build_id();
-        let target = SnapshotSpec { template_id: snapshot_id.clone(), build_id: build_id.clone() };
+        let target = SnapshotSpec {
+            template_id: snapshot_id.clone(),
+            build_id: build_id.clone(),
+        };
         if let Err(err) = self.runtime().snapshot(sandbox_id, target).await {
             return Err(self.snapshot_failure(sandbox_id, "snapshot", err).await);
         }
@@ -248,18 +326,25 @@ impl ControlPlane {
                 aliases: aliases.clone(),
             })
             .await?;
-        self.store().insert_snapshot(&snapshot_id, sandbox_id, name.as_deref(), Utc::now()).await?;
+        self.store()
+            .insert_snapshot(&snapshot_id, sandbox_id, name.as_deref(), Utc::now())
+            .await?;
         tracing::info!(sandbox_id = %sandbox_id, snapshot_id = %snapshot_id, name = ?name, "snapshot created");
         Ok((snapshot_id, aliases))
     }
 
     /// The running or paused sandbox with this ID, or a 404 that says why it ended.
-    pub(crate) async fn live_sandbox(&self, sandbox_id: &SandboxId) -> Result<SandboxRecord, ApiError> {
+    pub(crate) async fn live_sandbox(
+        &self,
+        sandbox_id: &SandboxId,
+    ) -> Result<SandboxRecord, ApiError> {
         if let Some(record) = self.store().get_live_sandbox(sandbox_id).await? {
             return Ok(record);
         }
         match self.store().sandbox_end_reason(sandbox_id).await? {
-            Some(reason) => Err(ApiError::not_found(format!("sandbox {sandbox_id} was killed: {reason}"))),
+            Some(reason) => Err(ApiError::not_found(format!(
+                "sandbox {sandbox_id} was killed: {reason}"
+            ))),
             None => Err(sandbox_not_found(sandbox_id)),
         }
     }

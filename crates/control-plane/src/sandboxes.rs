@@ -49,7 +49,10 @@ impl ServerTiming {
             .iter()
             .map(|(name, duration)| format!("{name};dur={:.3}", duration.as_secs_f64() * 1000.0))
             .collect();
-        entries.push(format!("total;dur={:.3}", self.total.as_secs_f64() * 1000.0));
+        entries.push(format!(
+            "total;dur={:.3}",
+            self.total.as_secs_f64() * 1000.0
+        ));
         entries.join(", ")
     }
 }
@@ -102,8 +105,17 @@ impl ControlPlane {
         let sandbox_id = SandboxId::generate();
         let envd_access_token = request.secure.then(generate_access_token);
         // A snapshot of a secured sandbox restores an envd that requires that sandbox's token.
-        let previous_access_token = match self.store().list_snapshots(None, Some(template.template_id.as_str())).await?.first() {
-            Some(snapshot) => self.store().sandbox_access_token(&snapshot.source_sandbox_id).await?,
+        let previous_access_token = match self
+            .store()
+            .list_snapshots(None, Some(template.template_id.as_str()))
+            .await?
+            .first()
+        {
+            Some(snapshot) => {
+                self.store()
+                    .sandbox_access_token(&snapshot.source_sandbox_id)
+                    .await?
+            }
             None => None,
         };
         let spec = SandboxSpec {
@@ -179,7 +191,10 @@ impl ControlPlane {
                     "sandbox {sandbox_id} was killed while it was being created"
                 ))
             })?;
-        let timing = ServerTiming { phases: started_sandbox.timings, total: started.elapsed() };
+        let timing = ServerTiming {
+            phases: started_sandbox.timings,
+            total: started.elapsed(),
+        };
         Ok((record, timing))
     }
 
@@ -323,7 +338,7 @@ fn reject_unsupported_options(body: &NewSandbox) -> Result<(), ApiError> {
     if let Some(resume) = &body.auto_resume {
         if resume.get("enabled").and_then(Value::as_bool) == Some(true) {
             return Err(ApiError::bad_request(
-                "invalid autoResume: auto-resume needs pausing, which this Hearth server does not implement yet",
+                "invalid autoResume: this Hearth server does not resume sandboxes on proxy traffic; call connect to resume a paused sandbox",
             ));
         }
     }

@@ -20,24 +20,40 @@ async fn pause_then_resume_moves_the_state_and_lists_by_state() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
 
-    let paused = h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    let paused = h
+        .call(Method::POST, &format!("/sandboxes/{id}/pause"), None)
+        .await;
     assert_eq!(paused.status, StatusCode::NO_CONTENT, "{}", paused.text);
     assert_eq!(state_of(&h, &id).await, "paused");
     assert!(h.runtime.is_paused(&SandboxId::parse(&id).unwrap()));
-    let listed = h.call(Method::GET, "/v2/sandboxes?state=paused", None).await;
+    let listed = h
+        .call(Method::GET, "/v2/sandboxes?state=paused", None)
+        .await;
     assert_eq!(listed.body.as_array().unwrap().len(), 1);
-    let running = h.call(Method::GET, "/v2/sandboxes?state=running", None).await;
+    let running = h
+        .call(Method::GET, "/v2/sandboxes?state=running", None)
+        .await;
     assert_eq!(running.body, json!([]));
 
-    let again = h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    let again = h
+        .call(Method::POST, &format!("/sandboxes/{id}/pause"), None)
+        .await;
     assert_error(&again, StatusCode::CONFLICT);
 
-    let resumed = h.call(Method::POST, &format!("/sandboxes/{id}/resume"), Some(json!({"timeout": 60}))).await;
+    let resumed = h
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/resume"),
+            Some(json!({"timeout": 60})),
+        )
+        .await;
     assert_eq!(resumed.status, StatusCode::CREATED, "{}", resumed.text);
     assert_eq!(resumed.body["sandboxID"], id);
     assert_eq!(state_of(&h, &id).await, "running");
 
-    let twice = h.call(Method::POST, &format!("/sandboxes/{id}/resume"), None).await;
+    let twice = h
+        .call(Method::POST, &format!("/sandboxes/{id}/resume"), None)
+        .await;
     assert_error(&twice, StatusCode::CONFLICT);
 }
 
@@ -45,9 +61,16 @@ async fn pause_then_resume_moves_the_state_and_lists_by_state() {
 async fn connect_resumes_a_paused_sandbox() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
-    h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None)
+        .await;
 
-    let connected = h.call(Method::POST, &format!("/v2/sandboxes/{id}/connect"), Some(json!({"timeout": 30}))).await;
+    let connected = h
+        .call(
+            Method::POST,
+            &format!("/v2/sandboxes/{id}/connect"),
+            Some(json!({"timeout": 30})),
+        )
+        .await;
 
     assert_eq!(connected.status, StatusCode::OK, "{}", connected.text);
     assert_eq!(state_of(&h, &id).await, "running");
@@ -59,10 +82,19 @@ async fn failed_pause_that_keeps_the_guest_leaves_it_running() {
     let id = h.create(json!({"templateID": "base"})).await;
     h.runtime.fail_pauses(Some(PauseFailure::KeepsRunning));
 
-    let reply = h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    let reply = h
+        .call(Method::POST, &format!("/sandboxes/{id}/pause"), None)
+        .await;
 
     assert_error(&reply, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(reply.body["message"].as_str().unwrap().contains("still running"), "{}", reply.text);
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("still running"),
+        "{}",
+        reply.text
+    );
     assert_eq!(state_of(&h, &id).await, "running");
 }
 
@@ -72,12 +104,21 @@ async fn failed_pause_that_loses_the_guest_marks_it_killed_with_the_reason() {
     let id = h.create(json!({"templateID": "base"})).await;
     h.runtime.fail_pauses(Some(PauseFailure::Killed));
 
-    let reply = h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    let reply = h
+        .call(Method::POST, &format!("/sandboxes/{id}/pause"), None)
+        .await;
 
     assert_error(&reply, StatusCode::INTERNAL_SERVER_ERROR);
     let get = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     assert_error(&get, StatusCode::NOT_FOUND);
-    assert!(get.body["message"].as_str().unwrap().contains("pause failed"), "{}", get.text);
+    assert!(
+        get.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("pause failed"),
+        "{}",
+        get.text
+    );
     let listed = h.call(Method::GET, "/v2/sandboxes", None).await;
     assert_eq!(listed.body, json!([]));
 }
@@ -85,7 +126,9 @@ async fn failed_pause_that_loses_the_guest_marks_it_killed_with_the_reason() {
 #[tokio::test]
 async fn auto_pause_pauses_at_the_timeout_instead_of_killing() {
     let h = harness().await;
-    let id = h.create(json!({"templateID": "base", "timeout": 1, "autoPause": true})).await;
+    let id = h
+        .create(json!({"templateID": "base", "timeout": 1, "autoPause": true}))
+        .await;
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 
     h.control_plane.reap_expired().await.unwrap();
@@ -97,9 +140,12 @@ async fn auto_pause_pauses_at_the_timeout_instead_of_killing() {
 async fn kill_of_a_paused_sandbox_deletes_its_state() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
-    h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None)
+        .await;
 
-    let reply = h.call(Method::DELETE, &format!("/sandboxes/{id}"), None).await;
+    let reply = h
+        .call(Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await;
 
     assert_eq!(reply.status, StatusCode::NO_CONTENT);
     assert!(!h.runtime.is_paused(&SandboxId::parse(&id).unwrap()));
@@ -110,7 +156,13 @@ async fn fork_returns_one_sandbox_per_count_and_rejects_bad_counts() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
 
-    let reply = h.call(Method::POST, &format!("/sandboxes/{id}/fork"), Some(json!({"count": 3, "timeout": 60}))).await;
+    let reply = h
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/fork"),
+            Some(json!({"count": 3, "timeout": 60})),
+        )
+        .await;
 
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
     let forks = reply.body.as_array().unwrap();
@@ -120,7 +172,13 @@ async fn fork_returns_one_sandbox_per_count_and_rejects_bad_counts() {
         assert_ne!(fork_id, id);
         assert_eq!(state_of(&h, fork_id).await, "running");
     }
-    let bad = h.call(Method::POST, &format!("/sandboxes/{id}/fork"), Some(json!({"count": 21}))).await;
+    let bad = h
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/fork"),
+            Some(json!({"count": 21})),
+        )
+        .await;
     assert_error(&bad, StatusCode::BAD_REQUEST);
 }
 
@@ -129,18 +187,46 @@ async fn snapshot_registers_a_template_that_creates_sandboxes() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
 
-    let reply = h.call(Method::POST, &format!("/sandboxes/{id}/snapshots"), Some(json!({"name": "my-snap"}))).await;
+    let reply = h
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/snapshots"),
+            Some(json!({"name": "my-snap"})),
+        )
+        .await;
 
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
     let snapshot_id = reply.body["snapshotID"].as_str().unwrap().to_owned();
     assert_eq!(reply.body["names"], json!(["my-snap"]));
-    let listed = h.call(Method::GET, &format!("/snapshots?sandboxID={id}"), None).await;
-    assert_eq!(listed.body, json!([{"snapshotID": snapshot_id, "names": ["my-snap"]}]));
+    let listed = h
+        .call(Method::GET, &format!("/snapshots?sandboxID={id}"), None)
+        .await;
+    assert_eq!(
+        listed.body,
+        json!([{"snapshotID": snapshot_id, "names": ["my-snap"]}])
+    );
     for template in [snapshot_id.as_str(), "my-snap"] {
-        let created = h.call(Method::POST, "/v2/sandboxes", Some(json!({"templateID": template}))).await;
-        assert_eq!(created.status, StatusCode::CREATED, "{template}: {}", created.text);
+        let created = h
+            .call(
+                Method::POST,
+                "/v2/sandboxes",
+                Some(json!({"templateID": template})),
+            )
+            .await;
+        assert_eq!(
+            created.status,
+            StatusCode::CREATED,
+            "{template}: {}",
+            created.text
+        );
     }
-    let bad = h.call(Method::POST, &format!("/sandboxes/{id}/snapshots"), Some(json!({"name": "../x"}))).await;
+    let bad = h
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/snapshots"),
+            Some(json!({"name": "../x"})),
+        )
+        .await;
     assert_error(&bad, StatusCode::BAD_REQUEST);
 }
 
@@ -152,7 +238,8 @@ async fn restart_keeps_paused_sandboxes_and_reports_lost_ones() {
     let lost = h.create(json!({"templateID": "base"})).await;
     let running = h.create(json!({"templateID": "base"})).await;
     for id in [&kept, &lost] {
-        h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+        h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None)
+            .await;
     }
     let Harness { data_dir, .. } = h;
 
@@ -165,8 +252,43 @@ async fn restart_keeps_paused_sandboxes_and_reports_lost_ones() {
     for id in [&lost, &running] {
         let reply = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
         assert_error(&reply, StatusCode::NOT_FOUND);
-        assert!(reply.body["message"].as_str().unwrap().contains("was killed"), "{}", reply.text);
+        assert!(
+            reply.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("was killed"),
+            "{}",
+            reply.text
+        );
     }
-    let resumed = h.call(Method::POST, &format!("/sandboxes/{kept}/resume"), None).await;
+    let resumed = h
+        .call(Method::POST, &format!("/sandboxes/{kept}/resume"), None)
+        .await;
     assert_eq!(resumed.status, StatusCode::CREATED, "{}", resumed.text);
+}
+
+#[tokio::test]
+async fn shutdown_pauses_auto_pause_sandboxes() {
+    let h = harness().await;
+    let kept = h
+        .create(json!({"templateID": "base", "autoPause": true}))
+        .await;
+    let killed = h.create(json!({"templateID": "base"})).await;
+
+    h.control_plane.shutdown().await.unwrap();
+
+    assert!(h.runtime.is_paused(&SandboxId::parse(&kept).unwrap()));
+    assert_eq!(state_of(&h, &kept).await, "paused");
+    let reply = h
+        .call(Method::GET, &format!("/sandboxes/{killed}"), None)
+        .await;
+    assert_error(&reply, StatusCode::NOT_FOUND);
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("server stopped"),
+        "{}",
+        reply.text
+    );
 }

@@ -11,11 +11,13 @@ use hearth_control_plane::runtime::{
 };
 use hearth_network::{PoolError, Slot, SlotPool};
 use hearth_proxy::{Route, RouteTable};
-use hearth_storage::{DataDir, PauseRecord, SandboxPaths, SnapshotOrigin, TemplateManifest, PAUSE_FORMAT_VERSION};
+use hearth_storage::{
+    DataDir, PauseRecord, SandboxPaths, SnapshotOrigin, TemplateManifest, PAUSE_FORMAT_VERSION,
+};
 use hearth_types::{BuildId, SandboxId, TemplateId};
 use hearth_vmm::{
-    DiskFormat, DiskSpec, MachineSize, RestoreSpec, SnapshotMemory, SnapshotTarget, SnapshotTemplate, Vm, VmPlacement,
-    VmmDriver,
+    DiskFormat, DiskSpec, MachineSize, RestoreSpec, SnapshotMemory, SnapshotTarget,
+    SnapshotTemplate, Vm, VmPlacement, VmmDriver, VmmKind,
 };
 
 use crate::envd_client::{EnvdClient, InitRequest};
@@ -140,12 +142,18 @@ impl NodeAgent {
                 Some(id) => paused.push(id),
                 None => match std::fs::remove_dir_all(entry.path()) {
                     Ok(()) => removed += 1,
-                    Err(err) => tracing::error!(path = %entry.path().display(), error = %err, "failed to remove a stale sandbox directory"),
+                    Err(err) => {
+                        tracing::error!(path = %entry.path().display(), error = %err, "failed to remove a stale sandbox directory")
+                    }
                 },
             }
         }
         if removed > 0 || !paused.is_empty() {
-            tracing::info!(removed, paused = paused.len(), "cleaned sandbox directories of an earlier run");
+            tracing::info!(
+                removed,
+                paused = paused.len(),
+                "cleaned sandbox directories of an earlier run"
+            );
         }
         paused.sort();
         paused
@@ -176,13 +184,25 @@ impl NodeAgent {
     }
 
     /// Returns the template build's snapshot, loading and checking it on first use only.
-    fn snapshot_template(&self, template_id: &TemplateId, build_id: &BuildId) -> Result<Arc<SnapshotTemplate>, RuntimeError> {
+    fn snapshot_template(
+        &self,
+        template_id: &TemplateId,
+        build_id: &BuildId,
+    ) -> Result<Arc<SnapshotTemplate>, RuntimeError> {
         let key = (template_id.clone(), build_id.clone());
-        if let Some(snapshot) = self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if let Some(snapshot) = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
             return Ok(snapshot.clone());
         }
 
-        let unavailable = || RuntimeError::TemplateUnavailable { template_id: template_id.clone(), build_id: build_id.clone() };
+        let unavailable = || RuntimeError::TemplateUnavailable {
+            template_id: template_id.clone(),
+            build_id: build_id.clone(),
+        };
         let dir = self.config.data_dir.template_build(template_id, build_id);
         let snapshot = SnapshotTemplate::load(dir.dir()).map_err(|err| {
             tracing::error!(template_id = %template_id, build_id = %build_id, error = %err, "template build is not usable");
@@ -197,26 +217,42 @@ impl NodeAgent {
             return Err(unavailable());
         }
         let snapshot = Arc::new(snapshot);
-        self.snapshots.lock().unwrap_or_else(|p| p.into_inner()).insert(key, snapshot.clone());
+        self.snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, snapshot.clone());
         Ok(snapshot)
     }
 
     fn cell(&self, sandbox_id: &SandboxId) -> Option<SandboxCell> {
-        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).get(sandbox_id).cloned()
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sandbox_id)
+            .cloned()
     }
 
     fn insert_running(&self, sandbox_id: &SandboxId, sandbox: RunningSandbox) {
         self.routes.insert(
             sandbox_id.as_str(),
-            Route { address: sandbox.slot.guest_route_ip, traffic_access_token: None },
+            Route {
+                address: sandbox.slot.guest_route_ip,
+                traffic_access_token: None,
+            },
         );
         let cell = Arc::new(tokio::sync::Mutex::new(Some(sandbox)));
-        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).insert(sandbox_id.clone(), cell);
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sandbox_id.clone(), cell);
     }
 
     fn forget(&self, sandbox_id: &SandboxId) {
         self.routes.remove(sandbox_id.as_str());
-        self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).remove(sandbox_id);
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sandbox_id);
     }
 
     /// Acquires a slot, restores `restore` (with its placement set to the slot and
@@ -230,14 +266,23 @@ impl NodeAgent {
         timings: &mut StartTimings,
         started: Instant,
     ) -> Result<(Box<dyn Vm>, Slot), RuntimeError> {
-        let slot = self.slots.acquire().await.map_err(|err| RuntimeError::Capacity(err.to_string()))?;
+        let slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|err| RuntimeError::Capacity(err.to_string()))?;
         let mark = timings.record("slot", started);
-        restore.placement = VmPlacement { netns: Some(slot.netns.clone()), run_dir: run_dir.to_owned() };
+        restore.placement = VmPlacement {
+            netns: Some(slot.netns.clone()),
+            run_dir: run_dir.to_owned(),
+        };
         let mut vm = match self.driver.restore(&restore).await {
             Ok(vm) => vm,
             Err(err) => {
                 self.release_slot(&spec.sandbox_id, slot).await;
-                return Err(RuntimeError::Failed(format!("failed to restore the snapshot: {err}")));
+                return Err(RuntimeError::Failed(format!(
+                    "failed to restore the snapshot: {err}"
+                )));
             }
         };
         let mark = timings.record("vmm_restore", mark);
@@ -263,10 +308,14 @@ impl NodeAgent {
         let mut mark = mark;
         if !spec.allow_internet_access {
             let slot = slot.clone();
-            tokio::task::spawn_blocking(move || hearth_network::egress::set_internet_access(&slot, false))
-                .await
-                .map_err(|err| RuntimeError::Failed(format!("egress rule task failed: {err}")))?
-                .map_err(|err| RuntimeError::Failed(format!("failed to block internet access: {err}")))?;
+            tokio::task::spawn_blocking(move || {
+                hearth_network::egress::set_internet_access(&slot, false)
+            })
+            .await
+            .map_err(|err| RuntimeError::Failed(format!("egress rule task failed: {err}")))?
+            .map_err(|err| {
+                RuntimeError::Failed(format!("failed to block internet access: {err}"))
+            })?;
             mark = timings.record("egress_rule", mark);
         }
 
@@ -279,7 +328,11 @@ impl NodeAgent {
             default_workdir: DEFAULT_WORKDIR,
         };
         self.envd
-            .init_when_ready(slot.guest_route_ip, &request, self.config.envd_ready_timeout)
+            .init_when_ready(
+                slot.guest_route_ip,
+                &request,
+                self.config.envd_ready_timeout,
+            )
             .await
             .map_err(|err| RuntimeError::Failed(err.to_string()))?;
         timings.record("envd_init", mark);
@@ -311,7 +364,11 @@ impl NodeAgent {
         reason: String,
     ) -> RuntimeError {
         let resumed = match sandbox.vm.resume().await {
-            Ok(()) => self.envd.health(sandbox.slot.guest_route_ip, Duration::from_secs(10)).await.map_err(|err| err.to_string()),
+            Ok(()) => self
+                .envd
+                .health(sandbox.slot.guest_route_ip, Duration::from_secs(10))
+                .await
+                .map_err(|err| err.to_string()),
             Err(err) => Err(err.to_string()),
         };
         match resumed {
@@ -324,7 +381,9 @@ impl NodeAgent {
                 tracing::error!(sandbox_id = %sandbox_id, reason = %reason, resume_error = %resume_err, "snapshot failed and the guest cannot run again; stopping it");
                 self.forget(sandbox_id);
                 self.destroy(sandbox_id, sandbox).await;
-                RuntimeError::PauseFailedKilled(format!("{reason}; running the guest again failed: {resume_err}"))
+                RuntimeError::PauseFailedKilled(format!(
+                    "{reason}; running the guest again failed: {resume_err}"
+                ))
             }
         }
     }
@@ -342,15 +401,26 @@ impl NodeAgent {
         diff: bool,
         keep_paused: bool,
     ) -> Result<Checkpoint, RuntimeError> {
-        let mut sandbox = guard.take().ok_or_else(|| RuntimeError::NotFound(sandbox_id.clone()))?;
+        let mut sandbox = guard
+            .take()
+            .ok_or_else(|| RuntimeError::NotFound(sandbox_id.clone()))?;
         let target = SnapshotTarget {
             vmstate: dir.join("vmstate"),
-            memory: if diff { sandbox.memory_file.clone() } else { dir.join("memory") },
+            memory: if diff {
+                sandbox.memory_file.clone()
+            } else {
+                dir.join("memory")
+            },
             diff,
         };
         let written = async {
-            std::fs::create_dir_all(dir).map_err(|err| format!("failed to create {}: {err}", dir.display()))?;
-            let report = sandbox.vm.snapshot(&target).await.map_err(|err| format!("snapshot failed: {err}"))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|err| format!("failed to create {}: {err}", dir.display()))?;
+            let report = sandbox
+                .vm
+                .snapshot(&target)
+                .await
+                .map_err(|err| format!("snapshot failed: {err}"))?;
             let disk_copy = match copy_disk_as {
                 Some(name) => {
                     let to = dir.join(name);
@@ -381,7 +451,9 @@ impl NodeAgent {
                 if !diff {
                     let _ = std::fs::remove_file(&target.memory);
                 }
-                return Err(self.recover_from_failed_snapshot(sandbox_id, sandbox, guard, reason).await);
+                return Err(self
+                    .recover_from_failed_snapshot(sandbox_id, sandbox, guard, reason)
+                    .await);
             }
         };
         let memory_file = match report.memory {
@@ -398,7 +470,9 @@ impl NodeAgent {
         if !keep_paused {
             if let Err(err) = sandbox.vm.resume().await {
                 let reason = format!("the guest did not run again after the checkpoint: {err}");
-                return Err(self.recover_from_failed_snapshot(sandbox_id, sandbox, guard, reason).await);
+                return Err(self
+                    .recover_from_failed_snapshot(sandbox_id, sandbox, guard, reason)
+                    .await);
             }
         }
         *guard = Some(sandbox);
@@ -415,8 +489,16 @@ impl NodeAgent {
     ) -> Result<StartedSandbox, RuntimeError> {
         let started = Instant::now();
         let mut timings = StartTimings::default();
-        let run_dir = self.config.data_dir.sandbox(&spec.sandbox_id).dir().to_path_buf();
-        let disk_from = checkpoint.disk_copy.clone().ok_or_else(|| RuntimeError::Failed("checkpoint has no disk".into()))?;
+        let run_dir = self
+            .config
+            .data_dir
+            .sandbox(&spec.sandbox_id)
+            .dir()
+            .to_path_buf();
+        let disk_from = checkpoint
+            .disk_copy
+            .clone()
+            .ok_or_else(|| RuntimeError::Failed("checkpoint has no disk".into()))?;
         let disk_format = self.driver.kind().sandbox_disk_format();
         let disk = DiskSpec {
             path: run_dir.join(match disk_format {
@@ -439,13 +521,24 @@ impl NodeAgent {
         })?;
         let mark = timings.record("disk", started);
         let restore = RestoreSpec {
-            machine: MachineSize { vcpus: template.manifest.vcpus, memory_mib: template.manifest.memory_mib },
+            machine: MachineSize {
+                vcpus: template.manifest.vcpus,
+                memory_mib: template.manifest.memory_mib,
+            },
             memory_file: checkpoint.memory_file.clone(),
             vmstate: checkpoint.vmstate.clone(),
+            vmstate_has_memory: !checkpoint.own_memory,
+            memory_shared: false,
             disk: disk.clone(),
-            placement: VmPlacement { netns: None, run_dir: run_dir.clone() },
+            placement: VmPlacement {
+                netns: None,
+                run_dir: run_dir.clone(),
+            },
         };
-        let (vm, slot) = match self.restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark).await {
+        let (vm, slot) = match self
+            .restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark)
+            .await
+        {
             Ok(started) => started,
             Err(err) => {
                 remove_dir(&spec.sandbox_id, &run_dir);
@@ -469,7 +562,10 @@ impl NodeAgent {
                 envd_version: envd_version.clone(),
             },
         );
-        Ok(StartedSandbox { envd_version, timings: timings.phases })
+        Ok(StartedSandbox {
+            envd_version,
+            timings: timings.phases,
+        })
     }
 }
 
@@ -514,27 +610,52 @@ impl SandboxRuntime for NodeAgent {
             );
         }
 
-        let run_dir = self.config.data_dir.sandbox(&spec.sandbox_id).dir().to_path_buf();
+        let run_dir = self
+            .config
+            .data_dir
+            .sandbox(&spec.sandbox_id)
+            .dir()
+            .to_path_buf();
         if let Err(err) = std::fs::create_dir_all(&run_dir) {
-            return Err(RuntimeError::Failed(format!("failed to create run directory {}: {err}", run_dir.display())));
+            return Err(RuntimeError::Failed(format!(
+                "failed to create run directory {}: {err}",
+                run_dir.display()
+            )));
         }
         let disk = match template.create_disk(&run_dir, self.driver.kind()) {
             Ok(disk) => disk,
             Err(err) => {
                 remove_dir(&spec.sandbox_id, &run_dir);
-                return Err(RuntimeError::Failed(format!("failed to create the sandbox disk: {err}")));
+                return Err(RuntimeError::Failed(format!(
+                    "failed to create the sandbox disk: {err}"
+                )));
             }
         };
         let mark = timings.record("disk", started);
         // A placeholder slot: restore_in_new_slot sets the real placement.
         let restore = RestoreSpec {
-            machine: MachineSize { vcpus: manifest.vcpus, memory_mib: manifest.memory_mib },
+            machine: MachineSize {
+                vcpus: manifest.vcpus,
+                memory_mib: manifest.memory_mib,
+            },
             memory_file: template.memory_file(),
             vmstate: template.paths.vmstate(),
+            vmstate_has_memory: template
+                .manifest
+                .snapshot
+                .as_ref()
+                .is_some_and(|origin| origin.memory_file != template.paths.memory()),
+            memory_shared: false,
             disk: disk.clone(),
-            placement: VmPlacement { netns: None, run_dir: run_dir.clone() },
+            placement: VmPlacement {
+                netns: None,
+                run_dir: run_dir.clone(),
+            },
         };
-        let (vm, slot) = match self.restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark).await {
+        let (vm, slot) = match self
+            .restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark)
+            .await
+        {
             Ok(started) => started,
             Err(err) => {
                 remove_dir(&spec.sandbox_id, &run_dir);
@@ -567,7 +688,10 @@ impl SandboxRuntime for NodeAgent {
                 envd_version: envd_version.clone(),
             },
         );
-        Ok(StartedSandbox { envd_version, timings: timings.phases })
+        Ok(StartedSandbox {
+            envd_version,
+            timings: timings.phases,
+        })
     }
 
     async fn stop(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {
@@ -591,7 +715,13 @@ impl SandboxRuntime for NodeAgent {
     }
 
     async fn running(&self) -> Vec<SandboxId> {
-        let mut ids: Vec<SandboxId> = self.sandboxes.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut ids: Vec<SandboxId> = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         ids.sort();
         ids
     }
@@ -610,9 +740,13 @@ impl SandboxRuntime for NodeAgent {
         let diff = current.memory_file == paused_dir.join("memory");
         let mut timings = StartTimings::default();
 
-        let checkpoint = self.checkpoint(sandbox_id, &mut guard, &paused_dir, None, diff, true).await?;
+        let checkpoint = self
+            .checkpoint(sandbox_id, &mut guard, &paused_dir, None, diff, true)
+            .await?;
         let mark = timings.record("snapshot", started);
-        let mut sandbox = guard.take().expect("checkpoint puts the sandbox back on success");
+        let mut sandbox = guard
+            .take()
+            .expect("checkpoint puts the sandbox back on success");
 
         // The record goes last: the sandbox is paused on disk once it exists.
         let mut files = vec![checkpoint.vmstate.clone()];
@@ -634,6 +768,7 @@ impl SandboxRuntime for NodeAgent {
                 memory_mib: sandbox.template.manifest.memory_mib,
                 memory_file: checkpoint.memory_file.clone(),
                 vmstate_file: checkpoint.vmstate.clone(),
+                memory_in_vmstate: !checkpoint.own_memory,
                 disk_file: sandbox.disk.path.clone(),
                 disk_format: disk_format_name(sandbox.disk.format).into(),
                 files: sizes,
@@ -642,7 +777,9 @@ impl SandboxRuntime for NodeAgent {
                 paused_at_unix_ms: unix_ms(),
                 envd_version: sandbox.envd_version.clone(),
             };
-            record.store(&paths.pause_record()).map_err(std::io::Error::other)?;
+            record
+                .store(&paths.pause_record())
+                .map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>(record)
         }
         .await;
@@ -651,7 +788,9 @@ impl SandboxRuntime for NodeAgent {
             Err(err) => {
                 let _ = std::fs::remove_file(&checkpoint.vmstate);
                 let reason = format!("failed to record the paused state: {err}");
-                return Err(self.recover_from_failed_snapshot(sandbox_id, sandbox, &mut guard, reason).await);
+                return Err(self
+                    .recover_from_failed_snapshot(sandbox_id, sandbox, &mut guard, reason)
+                    .await);
             }
         };
         let mark = timings.record("record", mark);
@@ -674,46 +813,88 @@ impl SandboxRuntime for NodeAgent {
             pause_ms = started.elapsed().as_secs_f64() * 1000.0,
             "sandbox paused"
         );
-        Ok(PausedSandbox { bytes_written: record.bytes_written, timings: timings.phases })
+        Ok(PausedSandbox {
+            bytes_written: record.bytes_written,
+            timings: timings.phases,
+        })
     }
 
     async fn resume(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError> {
         let started = Instant::now();
         let sandbox_id = spec.sandbox_id.clone();
         if self.cell(&sandbox_id).is_some() {
-            return Err(RuntimeError::Failed(format!("sandbox {sandbox_id} is already running")));
+            return Err(RuntimeError::Failed(format!(
+                "sandbox {sandbox_id} is already running"
+            )));
         }
-        let unusable = |reason: String| RuntimeError::PausedStateUnusable { sandbox_id: sandbox_id.clone(), reason };
+        let unusable = |reason: String| RuntimeError::PausedStateUnusable {
+            sandbox_id: sandbox_id.clone(),
+            reason,
+        };
         let paths = self.config.data_dir.sandbox(&sandbox_id);
-        let record = PauseRecord::load(&paths.pause_record()).map_err(|err| unusable(err.to_string()))?;
+        let record =
+            PauseRecord::load(&paths.pause_record()).map_err(|err| unusable(err.to_string()))?;
         if record.vmm != self.driver.kind().as_str() {
-            return Err(unusable(format!("it was paused by {}, this node runs {}", record.vmm, self.driver.kind())));
+            return Err(unusable(format!(
+                "it was paused by {}, this node runs {}",
+                record.vmm,
+                self.driver.kind()
+            )));
         }
-        let template_id = TemplateId::parse(&record.template_id).map_err(|err| unusable(err.to_string()))?;
+        let template_id =
+            TemplateId::parse(&record.template_id).map_err(|err| unusable(err.to_string()))?;
         let build_id = BuildId::parse(&record.build_id).map_err(|err| unusable(err.to_string()))?;
         let template = self.snapshot_template(&template_id, &build_id)?;
         let disk = DiskSpec {
             path: record.disk_file.clone(),
-            format: if record.disk_format == "qcow2" { DiskFormat::Qcow2 } else { DiskFormat::Raw },
+            format: if record.disk_format == "qcow2" {
+                DiskFormat::Qcow2
+            } else {
+                DiskFormat::Raw
+            },
         };
         let run_dir = paths.dir().to_path_buf();
 
         // While the guest runs, the paused state goes stale; mark it so that a crash in
         // between is not mistaken for a complete pause.
         let resuming = paths.paused_dir().join("pause.resuming.json");
-        std::fs::rename(paths.pause_record(), &resuming)
-            .map_err(|err| RuntimeError::Failed(format!("failed to mark the paused state as resuming: {err}")))?;
+        std::fs::rename(paths.pause_record(), &resuming).map_err(|err| {
+            RuntimeError::Failed(format!(
+                "failed to mark the paused state as resuming: {err}"
+            ))
+        })?;
 
         let mut timings = StartTimings::default();
         let mark = timings.record("load", started);
-        let restore = RestoreSpec {
-            machine: MachineSize { vcpus: record.vcpus, memory_mib: record.memory_mib },
-            memory_file: record.memory_file.clone(),
-            vmstate: record.vmstate_file.clone(),
-            disk: disk.clone(),
-            placement: VmPlacement { netns: None, run_dir: run_dir.clone() },
+        // QEMU resumes with its RAM in the sandbox's own memory file, mapped shared: the
+        // first resume fills it from the device state stream, and every later pause
+        // flushes only the pages the guest changed. Firecracker maps its memory file
+        // copy-on-write and writes diff snapshots into it instead.
+        let in_place = self.driver.kind() == VmmKind::Qemu;
+        let memory_file = if in_place {
+            paths.paused_dir().join("memory")
+        } else {
+            record.memory_file.clone()
         };
-        let (vm, slot) = match self.restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark).await {
+        let restore = RestoreSpec {
+            machine: MachineSize {
+                vcpus: record.vcpus,
+                memory_mib: record.memory_mib,
+            },
+            memory_file: memory_file.clone(),
+            vmstate: record.vmstate_file.clone(),
+            vmstate_has_memory: record.memory_in_vmstate,
+            memory_shared: in_place,
+            disk: disk.clone(),
+            placement: VmPlacement {
+                netns: None,
+                run_dir: run_dir.clone(),
+            },
+        };
+        let (vm, slot) = match self
+            .restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark)
+            .await
+        {
             Ok(started) => started,
             Err(err) => {
                 // Nothing ran long enough to change the disk meaningfully? It did not run
@@ -725,12 +906,21 @@ impl SandboxRuntime for NodeAgent {
                 return Err(err);
             }
         };
-        // The device state is consumed; the memory file stays when it is the sandbox's own
-        // (the VM maps it, and the next pause writes only its changes into it).
+        // The device state is consumed. The memory file stays: the VM maps it, and the
+        // next pause writes only the changes into it.
         let _ = std::fs::remove_file(&resuming);
-        if record.vmstate_file != record.memory_file {
-            let _ = std::fs::remove_file(&record.vmstate_file);
+        if in_place && record.memory_in_vmstate {
+            // The restore has just written every page into the memory file's page cache.
+            // Flushing it now, while the guest runs, keeps that write out of the next pause.
+            let memory_file = memory_file.clone();
+            let id = sandbox_id.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(err) = hearth_storage::durable::sync_file(&memory_file) {
+                    tracing::warn!(sandbox_id = %id, error = %err, "failed to flush the memory file after the first resume");
+                }
+            });
         }
+        let _ = std::fs::remove_file(&record.vmstate_file);
         let envd_version = record.envd_version.clone();
         tracing::info!(
             sandbox_id = %sandbox_id,
@@ -750,17 +940,22 @@ impl SandboxRuntime for NodeAgent {
                 template_id,
                 build_id,
                 disk,
-                memory_file: record.memory_file,
+                memory_file,
                 generation: record.generation,
                 envd_version: envd_version.clone(),
             },
         );
-        Ok(StartedSandbox { envd_version, timings: timings.phases })
+        Ok(StartedSandbox {
+            envd_version,
+            timings: timings.phases,
+        })
     }
 
     async fn discard_paused(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {
         if self.cell(sandbox_id).is_some() {
-            return Err(RuntimeError::Failed(format!("sandbox {sandbox_id} is running, not paused")));
+            return Err(RuntimeError::Failed(format!(
+                "sandbox {sandbox_id} is running, not paused"
+            )));
         }
         let dir = self.config.data_dir.sandbox(sandbox_id).dir().to_path_buf();
         match std::fs::remove_dir_all(&dir) {
@@ -769,7 +964,10 @@ impl SandboxRuntime for NodeAgent {
                 Ok(())
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(err) => Err(RuntimeError::Failed(format!("failed to delete {}: {err}", dir.display()))),
+            Err(err) => Err(RuntimeError::Failed(format!(
+                "failed to delete {}: {err}",
+                dir.display()
+            ))),
         }
     }
 
@@ -787,7 +985,11 @@ impl SandboxRuntime for NodeAgent {
         ids
     }
 
-    async fn snapshot(&self, sandbox_id: &SandboxId, target: SnapshotSpec) -> Result<(), RuntimeError> {
+    async fn snapshot(
+        &self,
+        sandbox_id: &SandboxId,
+        target: SnapshotSpec,
+    ) -> Result<(), RuntimeError> {
         let started = Instant::now();
         let Some(cell) = self.cell(sandbox_id) else {
             return Err(RuntimeError::NotFound(sandbox_id.clone()));
@@ -799,10 +1001,23 @@ impl SandboxRuntime for NodeAgent {
         let base_manifest = current.template.manifest.clone();
         let disk_format = current.disk.format;
         let disk_name = format!("disk.{}", disk_format_name(disk_format));
-        let staging = self.config.data_dir.template_build_staging(&target.template_id, &target.build_id);
+        let staging = self
+            .config
+            .data_dir
+            .template_build_staging(&target.template_id, &target.build_id);
         let _ = std::fs::remove_dir_all(&staging);
 
-        let checkpoint = match self.checkpoint(sandbox_id, &mut guard, &staging, Some(&disk_name), false, false).await {
+        let checkpoint = match self
+            .checkpoint(
+                sandbox_id,
+                &mut guard,
+                &staging,
+                Some(&disk_name),
+                false,
+                false,
+            )
+            .await
+        {
             Ok(checkpoint) => checkpoint,
             Err(err) => {
                 let _ = std::fs::remove_dir_all(&staging);
@@ -811,7 +1026,10 @@ impl SandboxRuntime for NodeAgent {
         };
         drop(guard);
 
-        let final_dir = self.config.data_dir.template_build(&target.template_id, &target.build_id);
+        let final_dir = self
+            .config
+            .data_dir
+            .template_build(&target.template_id, &target.build_id);
         let written = (|| {
             let mut names = vec!["vmstate".to_owned(), disk_name.clone()];
             if checkpoint.own_memory {
@@ -821,10 +1039,18 @@ impl SandboxRuntime for NodeAgent {
                 .into_iter()
                 .map(|name| {
                     let size_bytes = std::fs::metadata(staging.join(&name))?.len();
-                    Ok(hearth_storage::ManifestFile { name, size_bytes, sha256: None })
+                    Ok(hearth_storage::ManifestFile {
+                        name,
+                        size_bytes,
+                        sha256: None,
+                    })
                 })
                 .collect::<std::io::Result<Vec<_>>>()?;
-            let memory_file = if checkpoint.own_memory { final_dir.memory() } else { checkpoint.memory_file.clone() };
+            let memory_file = if checkpoint.own_memory {
+                final_dir.memory()
+            } else {
+                checkpoint.memory_file.clone()
+            };
             let manifest = TemplateManifest {
                 template_id: target.template_id.to_string(),
                 build_id: target.build_id.to_string(),
@@ -840,7 +1066,9 @@ impl SandboxRuntime for NodeAgent {
                 ..base_manifest
             };
             hearth_storage::durable::sync_file(&checkpoint.vmstate)?;
-            manifest.store(&staging.join("manifest.json")).map_err(std::io::Error::other)?;
+            manifest
+                .store(&staging.join("manifest.json"))
+                .map_err(std::io::Error::other)?;
             if let Some(parent) = final_dir.dir().parent() {
                 std::fs::create_dir_all(parent)?;
             }
@@ -852,7 +1080,10 @@ impl SandboxRuntime for NodeAgent {
         })();
         if let Err(err) = written {
             let _ = std::fs::remove_dir_all(&staging);
-            return Err(RuntimeError::Failed(format!("failed to write snapshot {}: {err}", target.template_id)));
+            return Err(RuntimeError::Failed(format!(
+                "failed to write snapshot {}: {err}",
+                target.template_id
+            )));
         }
         tracing::info!(
             sandbox_id = %sandbox_id,
@@ -881,7 +1112,9 @@ impl SandboxRuntime for NodeAgent {
         let template = current.template.clone();
         let disk_name = format!("disk.{}", disk_format_name(current.disk.format));
         let dir = current.run_dir.join(format!("fork-{}", unix_ms()));
-        let checkpoint = self.checkpoint(sandbox_id, &mut guard, &dir, Some(&disk_name), false, false).await;
+        let checkpoint = self
+            .checkpoint(sandbox_id, &mut guard, &dir, Some(&disk_name), false, false)
+            .await;
         drop(guard);
         let checkpoint = match checkpoint {
             Ok(checkpoint) => checkpoint,
@@ -894,7 +1127,10 @@ impl SandboxRuntime for NodeAgent {
 
         let mut results = Vec::with_capacity(forks.len());
         for spec in forks {
-            results.push(self.start_from_checkpoint(spec, template.clone(), &checkpoint).await);
+            results.push(
+                self.start_from_checkpoint(spec, template.clone(), &checkpoint)
+                    .await,
+            );
         }
         // Every fork has read the device state and copied the disk; a memory file of its
         // own stays mapped by the forks after this unlink.

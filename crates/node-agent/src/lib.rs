@@ -5,8 +5,8 @@
 //! access token, the host's wall clock). Stopping does the reverse and removes the sandbox's
 //! run directory. The node agent also keeps the route table the proxy reads.
 
-pub mod envd_client;
 mod agent;
+pub mod envd_client;
 mod routes;
 
 pub use agent::{NodeAgent, NodeConfig, NodeError};

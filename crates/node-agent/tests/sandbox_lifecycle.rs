@@ -24,7 +24,11 @@ fn template_from_env() -> Option<(PathBuf, TemplateId, BuildId)> {
     let build = dir.file_name()?.to_str()?.to_owned();
     let template = dir.parent()?.file_name()?.to_str()?.to_owned();
     let data_dir = dir.parent()?.parent()?.parent()?.to_path_buf();
-    Some((data_dir, TemplateId::parse(&template).ok()?, BuildId::parse(&build).ok()?))
+    Some((
+        data_dir,
+        TemplateId::parse(&template).ok()?,
+        BuildId::parse(&build).ok()?,
+    ))
 }
 
 fn netns_exists(name: &str) -> bool {
@@ -54,7 +58,9 @@ async fn vm_start_init_and_stop_cleanly() {
         return;
     };
     let manifest = hearth_storage::TemplateManifest::load(
-        &DataDir::new(&data_root).template_build(&template_id, &build_id).manifest(),
+        &DataDir::new(&data_root)
+            .template_build(&template_id, &build_id)
+            .manifest(),
     )
     .unwrap();
 
@@ -64,7 +70,10 @@ async fn vm_start_init_and_stop_cleanly() {
     pool_config.ready_target = 1;
     let slots = SlotPool::start(pool_config).await.unwrap();
     let node = Arc::new(NodeAgent::new(
-        NodeConfig { data_dir: DataDir::new(&data_root), envd_ready_timeout: Duration::from_secs(60) },
+        NodeConfig {
+            data_dir: DataDir::new(&data_root),
+            envd_ready_timeout: Duration::from_secs(60),
+        },
         Arc::new(QemuDriver::from_env()),
         slots,
     ));
@@ -84,42 +93,89 @@ async fn vm_start_init_and_stop_cleanly() {
     let started = node.start(spec).await.unwrap();
     assert_eq!(started.envd_version, manifest.envd_version);
     let phases: Vec<&str> = started.timings.iter().map(|(name, _)| *name).collect();
-    assert_eq!(phases, ["slot", "disk", "vmm_restore", "envd_init"]);
+    assert_eq!(phases, ["disk", "slot", "vmm_restore", "envd_init"]);
 
-    let route = node.lookup(sandbox_id.as_str()).expect("a started sandbox has a route");
-    let envs_url = format!("http://{}:{}/envs", route.address, hearth_types::guest::ENVD_PORT);
+    let route = node
+        .lookup(sandbox_id.as_str())
+        .expect("a started sandbox has a route");
+    let envs_url = format!(
+        "http://{}:{}/envs",
+        route.address,
+        hearth_types::guest::ENVD_PORT
+    );
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let unauthenticated = http.get(&envs_url).send().await.unwrap();
     assert_eq!(unauthenticated.status(), 401);
-    let envs: HashMap<String, String> =
-        http.get(&envs_url).header("X-Access-Token", "test-token").send().await.unwrap().json().await.unwrap();
-    assert_eq!(envs.get("HEARTH_TEST_VAR").map(String::as_str), Some("value with spaces"));
+    let envs: HashMap<String, String> = http
+        .get(&envs_url)
+        .header("X-Access-Token", "test-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        envs.get("HEARTH_TEST_VAR").map(String::as_str),
+        Some("value with spaces")
+    );
     assert_eq!(node.running().await, vec![sandbox_id.clone()]);
 
-    let run_dir = DataDir::new(&data_root).sandbox(&sandbox_id).dir().to_path_buf();
+    let run_dir = DataDir::new(&data_root)
+        .sandbox(&sandbox_id)
+        .dir()
+        .to_path_buf();
     let vmm_pids: Vec<u32> = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(run_dir.to_str().unwrap()))
+                .map(|cmdline| {
+                    String::from_utf8_lossy(&cmdline).contains(run_dir.to_str().unwrap())
+                })
                 .unwrap_or(false)
         })
         .collect();
-    assert_eq!(vmm_pids.len(), 1, "expected one QEMU process for the sandbox");
+    assert_eq!(
+        vmm_pids.len(),
+        1,
+        "expected one QEMU process for the sandbox"
+    );
 
     node.stop(&sandbox_id).await.unwrap();
     assert!(node.lookup(sandbox_id.as_str()).is_none());
-    assert!(!run_dir.exists(), "run dir {} left behind", run_dir.display());
-    assert!(!process_exists(vmm_pids[0]), "QEMU pid {} still exists", vmm_pids[0]);
-    assert!(matches!(node.stop(&sandbox_id).await, Err(RuntimeError::NotFound(_))));
+    assert!(
+        !run_dir.exists(),
+        "run dir {} left behind",
+        run_dir.display()
+    );
+    assert!(
+        !process_exists(vmm_pids[0]),
+        "QEMU pid {} still exists",
+        vmm_pids[0]
+    );
+    assert!(matches!(
+        node.stop(&sandbox_id).await,
+        Err(RuntimeError::NotFound(_))
+    ));
 
-    let netns_prefix = format!("hearth-{}-", InstanceId::from_data_dir(&data_root).unwrap().as_str());
+    let netns_prefix = format!(
+        "hearth-{}-",
+        InstanceId::from_data_dir(&data_root).unwrap().as_str()
+    );
     node.shutdown().await.unwrap();
     let left: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|entries| entries.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)).collect())
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
-    assert!(left.iter().all(|name| !name.starts_with(&netns_prefix)), "namespaces left: {left:?}");
+    assert!(
+        left.iter().all(|name| !name.starts_with(&netns_prefix)),
+        "namespaces left: {left:?}"
+    );
     assert!(!netns_exists(&format!("{netns_prefix}0")));
 }

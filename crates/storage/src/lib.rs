@@ -14,6 +14,8 @@ pub mod qcow2;
 
 pub use clone::clone_sparse;
 pub use layout::{DataDir, SandboxPaths, TemplateBuildPaths};
-pub use manifest::{ManifestError, ManifestFile, SnapshotOrigin, TemplateManifest, MANIFEST_FORMAT_VERSION};
+pub use manifest::{
+    ManifestError, ManifestFile, SnapshotOrigin, TemplateManifest, MANIFEST_FORMAT_VERSION,
+};
 pub use pause::{PauseRecord, PauseRecordError, PAUSE_FORMAT_VERSION};
 pub use qcow2::{create_overlay, create_overlay_over, BackingFormat, Qcow2Error};

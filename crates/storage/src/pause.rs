@@ -38,7 +38,11 @@ pub enum PauseRecordError {
         source: std::io::Error,
     },
     #[error("paused sandbox file {path} has {found} bytes, the pause record says {expected}")]
-    SizeMismatch { path: PathBuf, expected: u64, found: u64 },
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
 }
 
 /// Description of a paused sandbox.
@@ -57,11 +61,14 @@ pub struct PauseRecord {
     /// Virtual CPUs and memory of the VM.
     pub vcpus: u32,
     pub memory_mib: u32,
-    /// Memory file a resume maps copy-on-write. For QEMU this is the template's memory
-    /// (the device state stream carries every page); for Firecracker, `paused/memory`.
+    /// Memory file that holds the RAM when `memory_in_vmstate` is false; otherwise the
+    /// template's memory file.
     pub memory_file: PathBuf,
     /// Device state file.
     pub vmstate_file: PathBuf,
+    /// Whether the device state file carries every page of RAM (QEMU after a first
+    /// pause); false when the memory file holds it.
+    pub memory_in_vmstate: bool,
     /// The sandbox's disk, which holds every write since the sandbox started.
     pub disk_file: PathBuf,
     /// `qcow2` or `raw`.
@@ -81,18 +88,34 @@ pub struct PauseRecord {
 impl PauseRecord {
     /// Reads the record at `path` and checks that the files it lists are complete.
     pub fn load(path: &Path) -> Result<Self, PauseRecordError> {
-        let text = std::fs::read(path).map_err(|source| PauseRecordError::Read { path: path.to_owned(), source })?;
-        let record: Self = serde_json::from_slice(&text)
-            .map_err(|source| PauseRecordError::Parse { path: path.to_owned(), source })?;
+        let text = std::fs::read(path).map_err(|source| PauseRecordError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let record: Self =
+            serde_json::from_slice(&text).map_err(|source| PauseRecordError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
         if record.format_version != PAUSE_FORMAT_VERSION {
-            return Err(PauseRecordError::Version { path: path.to_owned(), found: record.format_version });
+            return Err(PauseRecordError::Version {
+                path: path.to_owned(),
+                found: record.format_version,
+            });
         }
         for (file, expected) in &record.files {
             let found = std::fs::metadata(file)
-                .map_err(|source| PauseRecordError::Read { path: file.clone(), source })?
+                .map_err(|source| PauseRecordError::Read {
+                    path: file.clone(),
+                    source,
+                })?
                 .len();
             if found != *expected {
-                return Err(PauseRecordError::SizeMismatch { path: file.clone(), expected: *expected, found });
+                return Err(PauseRecordError::SizeMismatch {
+                    path: file.clone(),
+                    expected: *expected,
+                    found,
+                });
             }
         }
         Ok(record)
@@ -100,7 +123,10 @@ impl PauseRecord {
 
     /// Writes the record durably (temporary file, fsync, rename, fsync of the directory).
     pub fn store(&self, path: &Path) -> Result<(), PauseRecordError> {
-        let write_err = |source| PauseRecordError::Write { path: path.to_owned(), source };
+        let write_err = |source| PauseRecordError::Write {
+            path: path.to_owned(),
+            source,
+        };
         let text = serde_json::to_vec_pretty(self).map_err(|err| write_err(err.into()))?;
         write_atomic(path, &text).map_err(write_err)
     }
@@ -121,6 +147,7 @@ mod tests {
             memory_mib: 256,
             memory_file: "/data/templates/base/b1/memory".into(),
             vmstate_file: dir.join("vmstate"),
+            memory_in_vmstate: true,
             disk_file: dir.join("disk.qcow2"),
             disk_format: "qcow2".into(),
             files: vec![(dir.join("vmstate"), 3)],
@@ -151,6 +178,13 @@ mod tests {
 
         let err = PauseRecord::load(&path).unwrap_err();
 
-        assert!(matches!(err, PauseRecordError::SizeMismatch { expected: 3, found: 2, .. }));
+        assert!(matches!(
+            err,
+            PauseRecordError::SizeMismatch {
+                expected: 3,
+                found: 2,
+                ..
+            }
+        ));
     }
 }

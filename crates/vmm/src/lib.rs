@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 
 pub use accel::{Accel, AccelChoice};
-pub use firecracker::{FirecrackerDriver, FirecrackerVm, FirecrackerConfig};
+pub use firecracker::{FirecrackerConfig, FirecrackerDriver, FirecrackerVm};
 pub use qemu::{QemuDriver, QemuVm};
 pub use sandbox::{restore_sandbox, SandboxRestoreError, SnapshotTemplate};
 
@@ -83,10 +83,17 @@ pub struct BootSpec {
 pub struct RestoreSpec {
     /// CPUs and memory; must match the snapshotted VM.
     pub machine: MachineSize,
-    /// The snapshot's RAM file, mapped copy-on-write and never written.
+    /// The snapshot's RAM file (see `memory_shared`).
     pub memory_file: PathBuf,
     /// The snapshot's device state.
     pub vmstate: PathBuf,
+    /// Whether `vmstate` carries every page of guest RAM ([`SnapshotMemory::InVmstate`]).
+    pub vmstate_has_memory: bool,
+    /// QEMU only: map `memory_file` shared, so the guest's RAM lives in that file from
+    /// here on and a later snapshot writes only the pages it changed. The file is
+    /// created at the memory size when missing. False maps it copy-on-write and never
+    /// changes it. Firecracker always maps its memory file copy-on-write.
+    pub memory_shared: bool,
     /// Root disk; its content must equal the snapshotted VM's disk at snapshot time.
     pub disk: DiskSpec,
     /// Namespace and run directory.
@@ -110,7 +117,11 @@ pub enum VmmError {
         source: std::io::Error,
     },
     #[error("VMM (pid {pid}) failed: {message}; its log ends with: {log_tail}")]
-    Vmm { pid: u32, message: String, log_tail: String },
+    Vmm {
+        pid: u32,
+        message: String,
+        log_tail: String,
+    },
     #[error("VMM control channel of pid {pid} failed")]
     Qmp {
         pid: u32,
@@ -118,7 +129,11 @@ pub enum VmmError {
         source: qmp::QmpError,
     },
     #[error("{what} of VMM pid {pid} timed out after {timeout_ms} ms")]
-    Timeout { pid: u32, what: &'static str, timeout_ms: u64 },
+    Timeout {
+        pid: u32,
+        what: &'static str,
+        timeout_ms: u64,
+    },
     #[error("failed to stop VMM pid {pid}")]
     Stop {
         pid: u32,

@@ -30,8 +30,8 @@ use tokio::process::{Child, Command};
 use crate::accel::{choose_accel, Accel, AccelChoice};
 use crate::qmp::{QmpClient, QmpError};
 use crate::{
-    BootSpec, DiskFormat, DiskSpec, MachineSize, RestoreSpec, SnapshotMemory, SnapshotReport, SnapshotTarget, Vm,
-    VmPlacement, VmmDriver, VmmError, VmmKind,
+    BootSpec, DiskFormat, DiskSpec, MachineSize, RestoreSpec, SnapshotMemory, SnapshotReport,
+    SnapshotTarget, Vm, VmPlacement, VmmDriver, VmmError, VmmKind,
 };
 
 /// Default QEMU binary, looked up in `PATH`.
@@ -70,7 +70,10 @@ impl QemuDriver {
 
     /// Creates a driver with an explicit binary and accelerator.
     pub fn new(binary: impl Into<PathBuf>, accel: AccelChoice) -> Self {
-        Self { binary: binary.into(), accel }
+        Self {
+            binary: binary.into(),
+            accel,
+        }
     }
 
     /// Returns the accelerator this driver uses and the reason for the choice.
@@ -90,6 +93,7 @@ impl QemuDriver {
 
         let mut vm = self.launch(args, &spec.placement, None).await?;
         vm.shared_memory = true;
+        vm.memory_file = spec.memory_file.clone();
         vm.qmp(|qmp| Box::pin(qmp.execute("migrate-set-capabilities", Some(capabilities()))))
             .await?;
         tracing::info!(pid = vm.pid, run_dir = %spec.placement.run_dir.display(), "VM booted");
@@ -106,15 +110,25 @@ impl QemuDriver {
         })?;
         let vmstate_fd = vmstate.as_raw_fd();
 
-        let mut args = self.machine_args(spec.machine, &spec.memory_file, false);
+        if spec.memory_shared {
+            prepare_memory_file(&spec.memory_file, spec.machine.memory_mib)?;
+        }
+        let mut args = self.machine_args(spec.machine, &spec.memory_file, spec.memory_shared);
         args.extend(device_args(&spec.disk, &spec.placement));
         args.extend(["-incoming".into(), "defer".into()]);
 
         let mut vm = self.launch(args, &spec.placement, Some(vmstate_fd)).await?;
+        vm.shared_memory = spec.memory_shared;
+        vm.memory_file = spec.memory_file.clone();
         // QEMU keeps its own copy of the descriptor from here on.
         drop(vmstate);
 
-        let result = tokio::time::timeout(RESTORE_TIMEOUT, vm.load_incoming(vmstate_fd)).await;
+        // The capability must match the one the stream was written with: on when shared
+        // RAM stayed out of it, off when it carries every page.
+        let ignore_shared = !spec.vmstate_has_memory;
+        let result =
+            tokio::time::timeout(RESTORE_TIMEOUT, vm.load_incoming(vmstate_fd, ignore_shared))
+                .await;
         match result {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {
@@ -190,7 +204,8 @@ impl QemuDriver {
         // QMP runs over a connected socket pair: QEMU gets one end as an open descriptor,
         // so no socket file exists whose path could exceed the 108-byte limit of Unix
         // socket addresses in deep data directories.
-        let (qmp_ours, qmp_theirs) = std::os::unix::net::UnixStream::pair().map_err(prepare("QMP socket pair", run_dir))?;
+        let (qmp_ours, qmp_theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(prepare("QMP socket pair", run_dir))?;
         let listen_fd = qmp_theirs.as_raw_fd();
         let log_path = run_dir.join(VMM_LOG);
         let log = File::create(&log_path).map_err(prepare("VMM log", &log_path))?;
@@ -209,7 +224,10 @@ impl QemuDriver {
             "-mon".into(),
             "chardev=qmp,mode=control".into(),
             "-chardev".into(),
-            format!("file,id=console,path={}", escape_opt(&run_dir.join(CONSOLE_LOG).to_string_lossy())),
+            format!(
+                "file,id=console,path={}",
+                escape_opt(&run_dir.join(CONSOLE_LOG).to_string_lossy())
+            ),
             "-serial".into(),
             "chardev:console".into(),
         ]);
@@ -256,7 +274,9 @@ impl QemuDriver {
         let pid = child.id().unwrap_or(0);
         drop(qmp_theirs);
         drop(netns);
-        let stream = qmp_ours.set_nonblocking(true).and_then(|()| UnixStream::from_std(qmp_ours));
+        let stream = qmp_ours
+            .set_nonblocking(true)
+            .and_then(|()| UnixStream::from_std(qmp_ours));
 
         let mut vm = QemuVm {
             pid,
@@ -264,12 +284,17 @@ impl QemuDriver {
             qmp: None,
             run_dir: run_dir.clone(),
             shared_memory: false,
+            memory_file: PathBuf::new(),
         };
         let stream = match stream {
             Ok(stream) => stream,
             Err(source) => {
                 let _ = vm.stop().await;
-                return Err(VmmError::Prepare { what: "QMP connection", path: run_dir.clone(), source });
+                return Err(VmmError::Prepare {
+                    what: "QMP connection",
+                    path: run_dir.clone(),
+                    source,
+                });
             }
         };
         match tokio::time::timeout(QMP_GREETING_TIMEOUT, QmpClient::handshake(stream)).await {
@@ -313,6 +338,8 @@ pub struct QemuVm {
     /// True for a booted VM, whose RAM is the shared memory file; false for a restored
     /// one, whose RAM is a private copy-on-write mapping.
     shared_memory: bool,
+    /// The memory backend's file.
+    memory_file: PathBuf,
 }
 
 impl QemuVm {
@@ -339,11 +366,16 @@ impl QemuVm {
         &'a mut self,
         exchange: impl FnOnce(
             &'a mut QmpClient,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, QmpError>> + Send + 'a>>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, QmpError>> + Send + 'a>,
+        >,
     ) -> Result<T, VmmError> {
         let pid = self.pid;
         let Some(qmp) = self.qmp.as_mut() else {
-            return Err(VmmError::Qmp { pid, source: QmpError::Closed });
+            return Err(VmmError::Qmp {
+                pid,
+                source: QmpError::Closed,
+            });
         };
         match exchange(qmp).await {
             Ok(value) => Ok(value),
@@ -352,14 +384,28 @@ impl QemuVm {
     }
 
     /// Loads the device state from the inherited descriptor and resumes the guest.
-    async fn load_incoming(&mut self, vmstate_fd: RawFd) -> Result<(), VmmError> {
+    async fn load_incoming(
+        &mut self,
+        vmstate_fd: RawFd,
+        ignore_shared: bool,
+    ) -> Result<(), VmmError> {
         let Some(qmp) = self.qmp.as_mut() else {
-            return Err(VmmError::Qmp { pid: self.pid, source: QmpError::Closed });
+            return Err(VmmError::Qmp {
+                pid: self.pid,
+                source: QmpError::Closed,
+            });
         };
         let result = async {
-            qmp.execute("migrate-set-capabilities", Some(capabilities())).await?;
-            qmp.execute("migrate-incoming", Some(json!({ "uri": format!("fd:{vmstate_fd}") })))
-                .await?;
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(capabilities_with(ignore_shared)),
+            )
+            .await?;
+            qmp.execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("fd:{vmstate_fd}") })),
+            )
+            .await?;
             qmp.wait_migration_end().await
         }
         .await;
@@ -395,7 +441,11 @@ impl QemuVm {
 
     async fn fail_with(&mut self, message: String) -> VmmError {
         let _ = self.stop().await;
-        VmmError::Vmm { pid: self.pid, message, log_tail: read_tail(&self.vmm_log()) }
+        VmmError::Vmm {
+            pid: self.pid,
+            message,
+            log_tail: read_tail(&self.vmm_log()),
+        }
     }
 }
 
@@ -422,16 +472,36 @@ impl Vm for QemuVm {
             .create(true)
             .truncate(true)
             .open(vmstate)
-            .map_err(|source| VmmError::Prepare { what: "snapshot file", path: vmstate.clone(), source })?;
+            .map_err(|source| VmmError::Prepare {
+                what: "snapshot file",
+                path: vmstate.clone(),
+                source,
+            })?;
+        // RAM stays out of the stream only when it lives in the target's memory file
+        // already; otherwise every page goes into the stream.
+        let in_place = self.shared_memory && target.memory == self.memory_file;
         let Some(qmp) = self.qmp.as_mut() else {
-            return Err(VmmError::Qmp { pid, source: QmpError::Closed });
+            return Err(VmmError::Qmp {
+                pid,
+                source: QmpError::Closed,
+            });
         };
         // QEMU writes the stream itself into the descriptor Hearth opened, so a write error
         // (a full disk) fails the migration instead of vanishing in a helper process.
         let result = tokio::time::timeout(SNAPSHOT_TIMEOUT, async {
-            qmp.execute_with_fd("getfd", json!({ "fdname": SNAPSHOT_FD_NAME }), file.as_fd()).await?;
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(capabilities_with(in_place)),
+            )
+            .await?;
+            qmp.execute_with_fd("getfd", json!({ "fdname": SNAPSHOT_FD_NAME }), file.as_fd())
+                .await?;
             qmp.execute("stop", None).await?;
-            qmp.execute("migrate", Some(json!({ "uri": format!("fd:{SNAPSHOT_FD_NAME}") }))).await?;
+            qmp.execute(
+                "migrate",
+                Some(json!({ "uri": format!("fd:{SNAPSHOT_FD_NAME}") })),
+            )
+            .await?;
             qmp.wait_migration_end().await
         })
         .await;
@@ -447,7 +517,13 @@ impl Vm for QemuVm {
             }
         };
         if status != "completed" {
-            let (_, error) = self.qmp.as_mut().expect("checked above").migration_status().await.unwrap_or_default();
+            let (_, error) = self
+                .qmp
+                .as_mut()
+                .expect("checked above")
+                .migration_status()
+                .await
+                .unwrap_or_default();
             return Err(VmmError::Vmm {
                 pid,
                 message: format!(
@@ -458,14 +534,38 @@ impl Vm for QemuVm {
                 log_tail: read_tail(&self.vmm_log()),
             });
         }
-        let synced = tokio::task::spawn_blocking(move || file.sync_all().and_then(|()| file.metadata()))
+        let synced =
+            tokio::task::spawn_blocking(move || file.sync_all().and_then(|()| file.metadata()))
+                .await
+                .map_err(|err| std::io::Error::other(err.to_string()))
+                .and_then(|result| result);
+        let mut bytes_written = synced
+            .map_err(|source| VmmError::Prepare {
+                what: "snapshot file (sync)",
+                path: vmstate.clone(),
+                source,
+            })?
+            .len();
+        let memory = if in_place {
+            // The pages the guest changed since they last reached the disk are what the
+            // flush writes now.
+            bytes_written += dirty_bytes(pid, &self.memory_file).unwrap_or(0);
+            let memory_file = self.memory_file.clone();
+            tokio::task::spawn_blocking(move || {
+                File::open(&memory_file).and_then(|file| file.sync_all())
+            })
             .await
             .map_err(|err| std::io::Error::other(err.to_string()))
-            .and_then(|result| result);
-        let bytes_written = synced
-            .map_err(|source| VmmError::Prepare { what: "snapshot file (sync)", path: vmstate.clone(), source })?
-            .len();
-        let memory = if self.shared_memory { SnapshotMemory::InMemoryFile } else { SnapshotMemory::InVmstate };
+            .and_then(|result| result)
+            .map_err(|source| VmmError::Prepare {
+                what: "memory file (sync)",
+                path: self.memory_file.clone(),
+                source,
+            })?;
+            SnapshotMemory::InMemoryFile
+        } else {
+            SnapshotMemory::InVmstate
+        };
         tracing::info!(
             pid,
             vmstate = %vmstate.display(),
@@ -473,17 +573,25 @@ impl Vm for QemuVm {
             elapsed_us = started.elapsed().as_micros() as u64,
             "VM snapshot written"
         );
-        Ok(SnapshotReport { memory, bytes_written })
+        Ok(SnapshotReport {
+            memory,
+            bytes_written,
+        })
     }
 
     async fn resume(&mut self) -> Result<(), VmmError> {
         let pid = self.pid;
         let Some(qmp) = self.qmp.as_mut() else {
-            return Err(VmmError::Qmp { pid, source: QmpError::Closed });
+            return Err(VmmError::Qmp {
+                pid,
+                source: QmpError::Closed,
+            });
         };
         let result = async {
             // A failed `migrate` may have left the descriptor registered.
-            let _ = qmp.execute("closefd", Some(json!({ "fdname": SNAPSHOT_FD_NAME }))).await;
+            let _ = qmp
+                .execute("closefd", Some(json!({ "fdname": SNAPSHOT_FD_NAME })))
+                .await;
             if qmp.run_state().await? != "running" {
                 qmp.execute("cont", None).await?;
             }
@@ -508,11 +616,17 @@ impl Vm for QemuVm {
             if let Err(source) = child.start_kill() {
                 if source.kind() != std::io::ErrorKind::InvalidInput {
                     self.child = Some(child);
-                    return Err(VmmError::Stop { pid: self.pid, source });
+                    return Err(VmmError::Stop {
+                        pid: self.pid,
+                        source,
+                    });
                 }
             }
             if let Err(source) = child.wait().await {
-                return Err(VmmError::Stop { pid: self.pid, source });
+                return Err(VmmError::Stop {
+                    pid: self.pid,
+                    source,
+                });
             }
             tracing::info!(pid = self.pid, run_dir = %self.run_dir.display(), "VM stopped");
         }
@@ -543,7 +657,67 @@ impl QmpClient {
 
 /// Capabilities set on every VM: RAM in a shared file stays out of the migration stream.
 fn capabilities() -> serde_json::Value {
-    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+    capabilities_with(true)
+}
+
+/// Migration capabilities with `x-ignore-shared` as given. Source and destination of a
+/// stream must agree on it.
+fn capabilities_with(ignore_shared: bool) -> serde_json::Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": ignore_shared }] })
+}
+
+/// Creates the memory file of a VM whose RAM lives in it, at `memory_mib`, unless it
+/// exists with that size. Missing pages read as zero, so the file stays sparse where the
+/// guest never wrote.
+fn prepare_memory_file(path: &Path, memory_mib: u32) -> Result<(), VmmError> {
+    let size = u64::from(memory_mib) << 20;
+    let prepare = |source| VmmError::Prepare {
+        what: "memory file",
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(prepare)?;
+    let found = file.metadata().map_err(prepare)?.len();
+    if found != size {
+        if found != 0 {
+            return Err(prepare(std::io::Error::other(format!(
+                "memory file has {found} bytes, the VM needs {size}"
+            ))));
+        }
+        file.set_len(size).map_err(prepare)?;
+    }
+    Ok(())
+}
+
+/// Bytes of `memory_file`'s mapping in process `pid` that are dirty (changed since they
+/// were last written back), from `/proc/<pid>/smaps`.
+fn dirty_bytes(pid: u32, memory_file: &Path) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let wanted = std::fs::canonicalize(memory_file).unwrap_or_else(|_| memory_file.to_owned());
+    let wanted = wanted.to_string_lossy();
+    let mut in_mapping = false;
+    let mut kib = 0u64;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            in_mapping = line.ends_with(wanted.as_ref());
+            continue;
+        }
+        if in_mapping && (line.starts_with("Shared_Dirty:") || line.starts_with("Private_Dirty:")) {
+            kib += line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Some(kib * 1024)
 }
 
 /// Disk and network devices, in a fixed order: boot and restore must create the same
@@ -606,14 +780,28 @@ mod tests {
 
     #[test]
     fn device_args_put_disk_before_network() {
-        let disk = DiskSpec { path: "/d.qcow2".into(), format: DiskFormat::Qcow2 };
-        let placement = VmPlacement { netns: Some("ns".into()), run_dir: "/run".into() };
+        let disk = DiskSpec {
+            path: "/d.qcow2".into(),
+            format: DiskFormat::Qcow2,
+        };
+        let placement = VmPlacement {
+            netns: Some("ns".into()),
+            run_dir: "/run".into(),
+        };
 
         let args = device_args(&disk, &placement);
 
-        let blk = args.iter().position(|arg| arg.starts_with("virtio-blk")).unwrap();
-        let net = args.iter().position(|arg| arg.starts_with("virtio-net")).unwrap();
+        let blk = args
+            .iter()
+            .position(|arg| arg.starts_with("virtio-blk"))
+            .unwrap();
+        let net = args
+            .iter()
+            .position(|arg| arg.starts_with("virtio-net"))
+            .unwrap();
         assert!(blk < net);
-        assert!(args.contains(&"driver=qcow2,node-name=root,file.driver=file,file.filename=/d.qcow2".to_owned()));
+        assert!(args.contains(
+            &"driver=qcow2,node-name=root,file.driver=file,file.filename=/d.qcow2".to_owned()
+        ));
     }
 }

@@ -5,11 +5,14 @@ use std::path::{Path, PathBuf};
 
 use hearth_network::Slot;
 use hearth_storage::{
-    clone_sparse, create_overlay_over, BackingFormat, ManifestError, Qcow2Error, SandboxPaths, TemplateBuildPaths,
-    TemplateManifest,
+    clone_sparse, create_overlay_over, BackingFormat, ManifestError, Qcow2Error, SandboxPaths,
+    TemplateBuildPaths, TemplateManifest,
 };
 
-use crate::{DiskFormat, DiskSpec, MachineSize, QemuDriver, QemuVm, RestoreSpec, VmPlacement, VmmError, VmmKind};
+use crate::{
+    DiskFormat, DiskSpec, MachineSize, QemuDriver, QemuVm, RestoreSpec, VmPlacement, VmmError,
+    VmmKind,
+};
 
 /// Errors starting a sandbox from a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -77,9 +80,16 @@ impl SnapshotTemplate {
         match &self.manifest.snapshot {
             Some(origin) => DiskSpec {
                 path: self.paths.dir().join(&origin.disk_file),
-                format: if origin.disk_format == "qcow2" { DiskFormat::Qcow2 } else { DiskFormat::Raw },
+                format: if origin.disk_format == "qcow2" {
+                    DiskFormat::Qcow2
+                } else {
+                    DiskFormat::Raw
+                },
             },
-            None => DiskSpec { path: self.paths.rootfs(), format: DiskFormat::Raw },
+            None => DiskSpec {
+                path: self.paths.rootfs(),
+                format: DiskFormat::Raw,
+            },
         }
     }
 
@@ -87,7 +97,11 @@ impl SnapshotTemplate {
     /// `disk.qcow2`, a new overlay over the build's disk whose cost does not depend on the
     /// image size; for Firecracker, which reads raw images only, `disk.raw`, a reflink or
     /// sparse copy of the build's raw disk.
-    pub fn create_disk(&self, run_dir: &Path, vmm: VmmKind) -> Result<DiskSpec, SandboxRestoreError> {
+    pub fn create_disk(
+        &self,
+        run_dir: &Path,
+        vmm: VmmKind,
+    ) -> Result<DiskSpec, SandboxRestoreError> {
         let base = self.disk();
         let paths = SandboxPaths::new(run_dir);
         match vmm.sandbox_disk_format() {
@@ -98,16 +112,24 @@ impl SnapshotTemplate {
                     DiskFormat::Qcow2 => BackingFormat::Qcow2,
                 };
                 create_overlay_over(&disk, &base.path, format, self.manifest.disk_size_bytes)?;
-                Ok(DiskSpec { path: disk, format: DiskFormat::Qcow2 })
+                Ok(DiskSpec {
+                    path: disk,
+                    format: DiskFormat::Qcow2,
+                })
             }
             DiskFormat::Raw => {
                 if base.format != DiskFormat::Raw {
                     return Err(SandboxRestoreError::DiskFormat(base.path));
                 }
                 let disk = paths.raw_disk();
-                clone_sparse(&base.path, &disk)
-                    .map_err(|source| SandboxRestoreError::RunDir { path: disk.clone(), source })?;
-                Ok(DiskSpec { path: disk, format: DiskFormat::Raw })
+                clone_sparse(&base.path, &disk).map_err(|source| SandboxRestoreError::RunDir {
+                    path: disk.clone(),
+                    source,
+                })?;
+                Ok(DiskSpec {
+                    path: disk,
+                    format: DiskFormat::Raw,
+                })
             }
         }
     }
@@ -116,11 +138,19 @@ impl SnapshotTemplate {
     /// `run_dir`.
     pub fn restore_spec(&self, disk: DiskSpec, slot: &Slot, run_dir: &Path) -> RestoreSpec {
         RestoreSpec {
-            machine: MachineSize { vcpus: self.manifest.vcpus, memory_mib: self.manifest.memory_mib },
+            machine: MachineSize {
+                vcpus: self.manifest.vcpus,
+                memory_mib: self.manifest.memory_mib,
+            },
             memory_file: self.memory_file(),
             vmstate: self.paths.vmstate(),
+            vmstate_has_memory: self.memory_file() != self.paths.memory(),
+            memory_shared: false,
             disk,
-            placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: run_dir.to_owned() },
+            placement: VmPlacement {
+                netns: Some(slot.netns.clone()),
+                run_dir: run_dir.to_owned(),
+            },
         }
     }
 }
@@ -136,8 +166,10 @@ pub async fn restore_sandbox(
     run_dir: &Path,
     slot: &Slot,
 ) -> Result<QemuVm, SandboxRestoreError> {
-    std::fs::create_dir_all(run_dir)
-        .map_err(|source| SandboxRestoreError::RunDir { path: run_dir.to_owned(), source })?;
+    std::fs::create_dir_all(run_dir).map_err(|source| SandboxRestoreError::RunDir {
+        path: run_dir.to_owned(),
+        source,
+    })?;
 
     let disk = template.create_disk(run_dir, VmmKind::Qemu)?;
     let spec = template.restore_spec(disk, slot, run_dir);

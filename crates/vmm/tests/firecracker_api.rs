@@ -15,11 +15,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hearth_types::guest::{GUEST_MAC, TAP_NAME};
-use hearth_vmm::firecracker::config::{self, ApiRequest, BootPlan, LogLevel, SnapshotType, VmRunState};
+use hearth_vmm::firecracker::config::{
+    self, ApiRequest, BootPlan, LogLevel, SnapshotType, VmRunState,
+};
 use hearth_vmm::firecracker::{firecracker_binary_from_env, ApiClient, ApiError, JailerConfig};
 use hearth_vmm::{
-    BootSpec, DiskFormat, DiskSpec, FirecrackerConfig, FirecrackerDriver, MachineSize, RestoreSpec, SnapshotMemory,
-    SnapshotTarget, Vm, VmPlacement,
+    BootSpec, DiskFormat, DiskSpec, FirecrackerConfig, FirecrackerDriver, MachineSize, RestoreSpec,
+    SnapshotMemory, SnapshotTarget, Vm, VmPlacement,
 };
 
 const MEMORY_MIB: u32 = 128;
@@ -46,11 +48,36 @@ struct TestNetns {
 impl TestNetns {
     fn create(tag: &str) -> Self {
         let name = format!("hearth-fct-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         run(&["ip", "netns", "add", &name]);
         let netns = Self { name };
-        run(&["ip", "netns", "exec", &netns.name, "ip", "tuntap", "add", "dev", TAP_NAME, "mode", "tap"]);
-        run(&["ip", "netns", "exec", &netns.name, "ip", "link", "set", TAP_NAME, "up"]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns.name,
+            "ip",
+            "tuntap",
+            "add",
+            "dev",
+            TAP_NAME,
+            "mode",
+            "tap",
+        ]);
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns.name,
+            "ip",
+            "link",
+            "set",
+            TAP_NAME,
+            "up",
+        ]);
         netns
     }
 }
@@ -58,16 +85,28 @@ impl TestNetns {
 impl Drop for TestNetns {
     fn drop(&mut self) {
         // Deleting the namespace deletes the tap inside it.
-        let status = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let status = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
         if !matches!(status, Ok(status) if status.success()) {
-            eprintln!("failed to delete network namespace {}: {status:?}", self.name);
+            eprintln!(
+                "failed to delete network namespace {}: {status:?}",
+                self.name
+            );
         }
     }
 }
 
 fn run(args: &[&str]) {
-    let output = Command::new(args[0]).args(&args[1..]).output().expect("failed to run command");
-    assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("failed to run command");
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// A bare Firecracker process, started in `netns` when given, killed on drop.
@@ -102,11 +141,17 @@ impl FirecrackerProcess {
             .spawn()
             .expect("failed to start firecracker");
         let client = ApiClient::new(&socket);
-        let mut process = Self { child, client, _dir: dir };
+        let mut process = Self {
+            child,
+            client,
+            _dir: dir,
+        };
         let child = &mut process.child;
         process
             .client
-            .wait_ready(Duration::from_secs(10), || matches!(child.try_wait(), Ok(None)))
+            .wait_ready(Duration::from_secs(10), || {
+                matches!(child.try_wait(), Ok(None))
+            })
             .await
             .expect("Firecracker API socket did not come up");
         process
@@ -181,13 +226,22 @@ fn raw_disk(path: &Path) {
 
 /// Returns whether a rejection comes from the host's KVM rather than from the request.
 fn is_kvm_limit(err: &ApiError) -> bool {
-    err.fault_message().is_some_and(|message| message.to_lowercase().contains("kvm"))
+    err.fault_message()
+        .is_some_and(|message| message.to_lowercase().contains("kvm"))
 }
 
 fn assert_parsed_but_rejected(err: &ApiError, expected: &str) {
-    let message = err.fault_message().unwrap_or_else(|| panic!("expected a Firecracker rejection, got {err}"));
-    assert!(!message.contains("deserializing"), "Firecracker rejected the request body: {message}");
-    assert!(message.contains(expected), "unexpected rejection: {message}");
+    let message = err
+        .fault_message()
+        .unwrap_or_else(|| panic!("expected a Firecracker rejection, got {err}"));
+    assert!(
+        !message.contains("deserializing"),
+        "Firecracker rejected the request body: {message}"
+    );
+    assert!(
+        message.contains(expected),
+        "unexpected rejection: {message}"
+    );
 }
 
 /// Sends every boot request of the driver, one at a time, and checks that Firecracker
@@ -227,18 +281,45 @@ async fn boot_requests_accepted_root() {
         let is_start = request.path == "/actions";
         match result {
             Ok(response) => {
-                assert_eq!(response.status, 204, "{} {}", request.method.as_str(), request.path);
+                assert_eq!(
+                    response.status,
+                    204,
+                    "{} {}",
+                    request.method.as_str(),
+                    request.path
+                );
                 println!("accepted: {} {}", request.method.as_str(), request.path);
             }
             Err(err) if is_start && is_kvm_limit(&err) => {
-                skipped.push(format!("InstanceStart: this host's KVM cannot run the guest: {err}"));
+                skipped.push(format!(
+                    "InstanceStart: this host's KVM cannot run the guest: {err}"
+                ));
             }
-            Err(err) => panic!("{} {} rejected: {err}", request.method.as_str(), request.path),
+            Err(err) => panic!(
+                "{} {} rejected: {err}",
+                request.method.as_str(),
+                request.path
+            ),
         }
     }
-    let expected = ["/logger", "/metrics", "/machine-config", "/boot-source", "/drives/rootfs"];
-    for path in expected.into_iter().chain(["/network-interfaces/eth0", "/mmds/config", "/mmds", "/balloon", "/actions"]) {
-        assert!(requests.iter().any(|request| request.path == path), "driver sends no {path}");
+    let expected = [
+        "/logger",
+        "/metrics",
+        "/machine-config",
+        "/boot-source",
+        "/drives/rootfs",
+    ];
+    for path in expected.into_iter().chain([
+        "/network-interfaces/eth0",
+        "/mmds/config",
+        "/mmds",
+        "/balloon",
+        "/actions",
+    ]) {
+        assert!(
+            requests.iter().any(|request| request.path == path),
+            "driver sends no {path}"
+        );
     }
 
     let state = process.client.send(&ApiRequest::get("/")).await.unwrap();
@@ -260,9 +341,16 @@ async fn snapshot_load_body_parses() {
     let vmstate = process.dir().join("vmstate");
     let memory = process.dir().join("memory");
     std::fs::write(&vmstate, b"not a snapshot").unwrap();
-    std::fs::File::create(&memory).unwrap().set_len(u64::from(MEMORY_MIB) << 20).unwrap();
+    std::fs::File::create(&memory)
+        .unwrap()
+        .set_len(u64::from(MEMORY_MIB) << 20)
+        .unwrap();
 
-    let err = process.client.send(&config::snapshot_load_request(&vmstate, &memory)).await.unwrap_err();
+    let err = process
+        .client
+        .send(&config::snapshot_load_request(&vmstate, &memory))
+        .await
+        .unwrap_err();
 
     assert_eq!(err.status(), Some(400));
     assert_parsed_but_rejected(&err, "Load snapshot error");
@@ -273,7 +361,12 @@ async fn snapshot_load_body_parses() {
     let mut malformed = config::snapshot_load_request(&vmstate, &memory);
     malformed.body.as_mut().unwrap()["track_dirty_pages"] = serde_json::json!(true);
     let err = control.client.send(&malformed).await.unwrap_err();
-    assert!(err.fault_message().unwrap_or_default().contains("deserializing"), "{err}");
+    assert!(
+        err.fault_message()
+            .unwrap_or_default()
+            .contains("deserializing"),
+        "{err}"
+    );
 }
 
 /// Snapshot and run-state bodies parse; without a started VM Firecracker rejects them for
@@ -316,29 +409,43 @@ async fn driver_boot_snapshot_restore_root() {
         mmds_metadata: Some(serde_json::json!({"sandboxID": "test"})),
         ..FirecrackerConfig::default()
     });
-    let machine = MachineSize { vcpus: 1, memory_mib: MEMORY_MIB };
-    let placement = |run_dir: &Path| VmPlacement { netns: Some(netns.name.clone()), run_dir: run_dir.to_owned() };
+    let machine = MachineSize {
+        vcpus: 1,
+        memory_mib: MEMORY_MIB,
+    };
+    let placement = |run_dir: &Path| VmPlacement {
+        netns: Some(netns.name.clone()),
+        run_dir: run_dir.to_owned(),
+    };
     let spec = BootSpec {
         machine,
         memory_file: dir.path().join("unused-memory"),
         kernel,
         initrd,
         cmdline: "console=ttyS0 reboot=k panic=1".into(),
-        disk: DiskSpec { path: disk.clone(), format: DiskFormat::Raw },
+        disk: DiskSpec {
+            path: disk.clone(),
+            format: DiskFormat::Raw,
+        },
         placement: placement(&run_dirs[0]),
     };
 
     let mut vm = match driver.boot_vm(&spec).await {
         Ok(vm) => vm,
         Err(err) if err.to_string().to_lowercase().contains("kvm") => {
-            println!("skipped: boot, snapshot and restore: this host's KVM cannot run the guest: {err}");
+            println!(
+                "skipped: boot, snapshot and restore: this host's KVM cannot run the guest: {err}"
+            );
             return;
         }
         Err(err) => panic!("boot failed: {err}"),
     };
     assert!(vm.is_running());
     assert!(run_dirs[0].join("fc.sock").exists());
-    assert!(std::fs::symlink_metadata(run_dirs[0].join("fc-rootfs.img")).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(run_dirs[0].join("fc-rootfs.img"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 
     let full = SnapshotTarget {
         vmstate: dir.path().join("vmstate"),
@@ -362,7 +469,12 @@ async fn driver_boot_snapshot_restore_root() {
         machine,
         memory_file: full.memory.clone(),
         vmstate: full.vmstate.clone(),
-        disk: DiskSpec { path: disk.clone(), format: DiskFormat::Raw },
+        vmstate_has_memory: false,
+        memory_shared: false,
+        disk: DiskSpec {
+            path: disk.clone(),
+            format: DiskFormat::Raw,
+        },
         placement: placement(&run_dirs[1]),
     };
     let mut restored = driver.restore_vm(&restore).await.expect("restore failed");
@@ -370,11 +482,25 @@ async fn driver_boot_snapshot_restore_root() {
 
     let merged_memory = dir.path().join("memory-diff");
     hearth_storage::clone_sparse(&full.memory, &merged_memory).unwrap();
-    let diff = SnapshotTarget { vmstate: dir.path().join("vmstate-diff"), memory: merged_memory.clone(), diff: true };
-    let report = restored.snapshot(&diff).await.expect("diff snapshot failed");
+    let diff = SnapshotTarget {
+        vmstate: dir.path().join("vmstate-diff"),
+        memory: merged_memory.clone(),
+        diff: true,
+    };
+    let report = restored
+        .snapshot(&diff)
+        .await
+        .expect("diff snapshot failed");
     let vmstate_len = std::fs::metadata(&diff.vmstate).unwrap().len();
-    println!("diff snapshot wrote {} bytes ({vmstate_len} of device state)", report.bytes_written);
-    assert!(report.bytes_written < memory_len / 2, "diff wrote {} bytes", report.bytes_written);
+    println!(
+        "diff snapshot wrote {} bytes ({vmstate_len} of device state)",
+        report.bytes_written
+    );
+    assert!(
+        report.bytes_written < memory_len / 2,
+        "diff wrote {} bytes",
+        report.bytes_written
+    );
     assert_eq!(std::fs::metadata(&merged_memory).unwrap().len(), memory_len);
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -388,6 +514,8 @@ async fn driver_boot_snapshot_restore_root() {
         .restore_vm(&RestoreSpec {
             memory_file: merged_memory,
             vmstate: diff.vmstate.clone(),
+            vmstate_has_memory: false,
+            memory_shared: false,
             placement: placement(&run_dirs[2]),
             ..restore
         })
@@ -410,7 +538,11 @@ async fn driver_boot_snapshot_restore_root() {
 async fn driver_jailed_boot_snapshot_root() {
     let binary = firecracker();
     let jailer_binary = binary.with_file_name("jailer");
-    assert!(jailer_binary.exists(), "no jailer at {}; run scripts/install-firecracker.sh", jailer_binary.display());
+    assert!(
+        jailer_binary.exists(),
+        "no jailer at {}; run scripts/install-firecracker.sh",
+        jailer_binary.display()
+    );
     let netns = TestNetns::create("jail");
     let dir = tempfile::tempdir().unwrap();
     let (kernel, initrd) = test_kernel(dir.path());
@@ -421,30 +553,56 @@ async fn driver_jailed_boot_snapshot_root() {
     let chroot_base = dir.path().join("jail");
     let driver = FirecrackerDriver::new(FirecrackerConfig {
         binary: binary.clone(),
-        jailer: Some(JailerConfig { binary: jailer_binary, uid: 65534, gid: 65534, chroot_base: chroot_base.clone(), cgroup_version: 2 }),
+        jailer: Some(JailerConfig {
+            binary: jailer_binary,
+            uid: 65534,
+            gid: 65534,
+            chroot_base: chroot_base.clone(),
+            cgroup_version: 2,
+        }),
         log_level: Some(LogLevel::Info),
         mmds_metadata: None,
     });
     let spec = BootSpec {
-        machine: MachineSize { vcpus: 1, memory_mib: MEMORY_MIB },
+        machine: MachineSize {
+            vcpus: 1,
+            memory_mib: MEMORY_MIB,
+        },
         memory_file: dir.path().join("unused-memory"),
         kernel,
         initrd,
         cmdline: "console=ttyS0".into(),
-        disk: DiskSpec { path: disk.clone(), format: DiskFormat::Raw },
-        placement: VmPlacement { netns: Some(netns.name.clone()), run_dir: run_dir.clone() },
+        disk: DiskSpec {
+            path: disk.clone(),
+            format: DiskFormat::Raw,
+        },
+        placement: VmPlacement {
+            netns: Some(netns.name.clone()),
+            run_dir: run_dir.clone(),
+        },
     };
 
     let mut vm = driver.boot_vm(&spec).await.expect("jailed boot failed");
     let jail_dir = chroot_base.join("firecracker").join(vm.id());
     assert!(jail_dir.join("root/fc-rootfs.img").exists());
-    let target = SnapshotTarget { vmstate: dir.path().join("vmstate"), memory: dir.path().join("memory"), diff: false };
+    let target = SnapshotTarget {
+        vmstate: dir.path().join("vmstate"),
+        memory: dir.path().join("memory"),
+        diff: false,
+    };
     let report = vm.snapshot(&target).await.expect("jailed snapshot failed");
     vm.stop().await.unwrap();
 
-    assert_eq!(std::fs::metadata(&target.memory).unwrap().len(), u64::from(MEMORY_MIB) << 20);
+    assert_eq!(
+        std::fs::metadata(&target.memory).unwrap().len(),
+        u64::from(MEMORY_MIB) << 20
+    );
     assert!(report.bytes_written > 0);
-    assert!(!jail_dir.exists(), "jail {} left after stop", jail_dir.display());
+    assert!(
+        !jail_dir.exists(),
+        "jail {} left after stop",
+        jail_dir.display()
+    );
     assert!(disk.exists());
     let fc_log = std::fs::read_to_string(run_dir.join("fc.log")).unwrap();
     assert!(fc_log.contains("create full snapshot"), "fc.log: {fc_log}");
@@ -454,18 +612,34 @@ async fn driver_jailed_boot_snapshot_root() {
 #[tokio::test]
 async fn driver_rejects_qcow2_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let driver = FirecrackerDriver::new(FirecrackerConfig { binary: firecracker(), ..FirecrackerConfig::default() });
+    let driver = FirecrackerDriver::new(FirecrackerConfig {
+        binary: firecracker(),
+        ..FirecrackerConfig::default()
+    });
     let spec = BootSpec {
-        machine: MachineSize { vcpus: 1, memory_mib: MEMORY_MIB },
+        machine: MachineSize {
+            vcpus: 1,
+            memory_mib: MEMORY_MIB,
+        },
         memory_file: dir.path().join("memory"),
         kernel: dir.path().join("vmlinux"),
         initrd: None,
         cmdline: String::new(),
-        disk: DiskSpec { path: dir.path().join("disk.qcow2"), format: DiskFormat::Qcow2 },
-        placement: VmPlacement { netns: None, run_dir: dir.path().to_owned() },
+        disk: DiskSpec {
+            path: dir.path().join("disk.qcow2"),
+            format: DiskFormat::Qcow2,
+        },
+        placement: VmPlacement {
+            netns: None,
+            run_dir: dir.path().to_owned(),
+        },
     };
 
-    let err = driver.boot_vm(&spec).await.err().expect("qcow2 disk accepted");
+    let err = driver
+        .boot_vm(&spec)
+        .await
+        .err()
+        .expect("qcow2 disk accepted");
 
     assert!(err.to_string().contains("raw"), "{err}");
 }
@@ -478,23 +652,47 @@ async fn driver_boot_error_quotes_fault_message() {
     raw_disk(&disk);
     let not_a_kernel = dir.path().join("vmlinux");
     std::fs::write(&not_a_kernel, b"not an ELF file").unwrap();
-    let driver = FirecrackerDriver::new(FirecrackerConfig { binary: firecracker(), ..FirecrackerConfig::default() });
+    let driver = FirecrackerDriver::new(FirecrackerConfig {
+        binary: firecracker(),
+        ..FirecrackerConfig::default()
+    });
     let spec = BootSpec {
-        machine: MachineSize { vcpus: 1, memory_mib: MEMORY_MIB },
+        machine: MachineSize {
+            vcpus: 1,
+            memory_mib: MEMORY_MIB,
+        },
         memory_file: dir.path().join("memory"),
         kernel: not_a_kernel,
         initrd: None,
         cmdline: String::new(),
-        disk: DiskSpec { path: disk, format: DiskFormat::Raw },
-        placement: VmPlacement { netns: None, run_dir: dir.path().to_owned() },
+        disk: DiskSpec {
+            path: disk,
+            format: DiskFormat::Raw,
+        },
+        placement: VmPlacement {
+            netns: None,
+            run_dir: dir.path().to_owned(),
+        },
     };
 
-    let err = driver.boot_vm(&spec).await.err().expect("boot of a non-ELF kernel succeeded");
+    let err = driver
+        .boot_vm(&spec)
+        .await
+        .err()
+        .expect("boot of a non-ELF kernel succeeded");
 
     let message = err.to_string();
     assert!(message.contains("/actions"), "{message}");
     assert!(message.contains("elf header"), "{message}");
     assert!(message.contains("fc.log:"), "{message}");
-    assert!(!dir.path().join("fc.sock").exists(), "socket left after a failed boot");
-    assert_eq!(std::fs::metadata(dir.path().join("rootfs.img")).unwrap().len(), 64 << 20);
+    assert!(
+        !dir.path().join("fc.sock").exists(),
+        "socket left after a failed boot"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.path().join("rootfs.img"))
+            .unwrap()
+            .len(),
+        64 << 20
+    );
 }

@@ -110,7 +110,10 @@ pub(crate) fn router(control_plane: ControlPlane) -> Router {
         .route("/sandboxes/{sandbox_id}/pause", post(sandboxes::pause))
         .route("/sandboxes/{sandbox_id}/resume", post(sandboxes::resume))
         .route("/sandboxes/{sandbox_id}/fork", post(sandboxes::fork))
-        .route("/sandboxes/{sandbox_id}/snapshots", post(sandboxes::create_snapshot))
+        .route(
+            "/sandboxes/{sandbox_id}/snapshots",
+            post(sandboxes::create_snapshot),
+        )
         .route("/snapshots", get(sandboxes::list_snapshots))
         .route(
             "/templates",

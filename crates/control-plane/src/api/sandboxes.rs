@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{AppendHeaders, IntoResponse};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use hearth_types::SandboxId;
@@ -11,19 +11,22 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
 use crate::models::{
-    ConnectSandbox, CreatedSandbox, ListSandboxesQuery, ListSandboxesV2Query, ListedSandbox,
-    ListSnapshotsQuery, NewSandbox, ResumedSandbox, SandboxDetail, SandboxForkRequest, SandboxForkResult,
-    SandboxLifecycle, SandboxPauseRequest, SandboxRefreshRequest, SandboxSnapshotRequest, SandboxTimeoutRequest,
-    SnapshotInfo,
+    ConnectSandbox, CreatedSandbox, ListSandboxesQuery, ListSandboxesV2Query, ListSnapshotsQuery,
+    ListedSandbox, NewSandbox, ResumedSandbox, SandboxDetail, SandboxForkRequest,
+    SandboxForkResult, SandboxLifecycle, SandboxPauseRequest, SandboxRefreshRequest,
+    SandboxSnapshotRequest, SandboxTimeoutRequest, SnapshotInfo,
 };
-use crate::sandboxes::{ServerTiming, 
-    sandbox_not_found, CreateApi, CONNECT_DEFAULT_TIMEOUT_SECS, REFRESH_DEFAULT_SECS,
+use crate::sandboxes::{
+    sandbox_not_found, CreateApi, ServerTiming, CONNECT_DEFAULT_TIMEOUT_SECS, REFRESH_DEFAULT_SECS,
 };
 use crate::store::{SandboxListFilter, SandboxRecord, SandboxState};
 use crate::{validate, ControlPlane, CLIENT_ID};
 
 /// Default and maximum page size of `GET /v2/sandboxes`.
 const MAX_PAGE_SIZE: usize = 100;
+
+/// Response header of a pause with the bytes it wrote (memory and device state).
+const BYTES_WRITTEN_HEADER: &str = "hearth-bytes-written";
 
 /// Response header carrying the token of the next page.
 const NEXT_TOKEN_HEADER: &str = "x-next-token";
@@ -36,7 +39,11 @@ pub(crate) async fn create_v1(
     ApiJson(body): ApiJson<NewSandbox>,
 ) -> Result<(StatusCode, [(HeaderName, String); 1], Json<CreatedSandbox>), ApiError> {
     let (record, timing) = cp.create_sandbox(CreateApi::V1, body).await?;
-    Ok((StatusCode::CREATED, server_timing_header(&timing), Json(created_sandbox(&cp, &record))))
+    Ok((
+        StatusCode::CREATED,
+        server_timing_header(&timing),
+        Json(created_sandbox(&cp, &record)),
+    ))
 }
 
 #[utoipa::path(post, path = "/v2/sandboxes", tag = "sandboxes", request_body = NewSandbox,
@@ -47,7 +54,11 @@ pub(crate) async fn create_v2(
     ApiJson(body): ApiJson<NewSandbox>,
 ) -> Result<(StatusCode, [(HeaderName, String); 1], Json<CreatedSandbox>), ApiError> {
     let (record, timing) = cp.create_sandbox(CreateApi::V2, body).await?;
-    Ok((StatusCode::CREATED, server_timing_header(&timing), Json(created_sandbox(&cp, &record))))
+    Ok((
+        StatusCode::CREATED,
+        server_timing_header(&timing),
+        Json(created_sandbox(&cp, &record)),
+    ))
 }
 
 #[utoipa::path(get, path = "/sandboxes", tag = "sandboxes", params(ListSandboxesQuery),
@@ -201,7 +212,7 @@ pub(crate) async fn connect_v1(
     State(cp): State<ControlPlane>,
     Path(sandbox_id): Path<String>,
     body: Bytes,
-) -> Result<Json<CreatedSandbox>, ApiError> {
+) -> Result<ConnectResponse, ApiError> {
     let body: ConnectSandbox = parse_optional_body(&body)?;
     if body.timeout.is_none() {
         return Err(ApiError::bad_request(
@@ -220,10 +231,16 @@ pub(crate) async fn connect_v2(
     State(cp): State<ControlPlane>,
     Path(sandbox_id): Path<String>,
     body: Bytes,
-) -> Result<Json<CreatedSandbox>, ApiError> {
+) -> Result<ConnectResponse, ApiError> {
     let body: ConnectSandbox = parse_optional_body(&body)?;
     connect(cp, &sandbox_id, body).await
 }
+
+/// A connect's sandbox, with a `Server-Timing` header when the connect resumed it.
+type ConnectResponse = (
+    AppendHeaders<Vec<(HeaderName, String)>>,
+    Json<CreatedSandbox>,
+);
 
 /// Connects to a sandbox: a paused one is resumed, and the timeout becomes at least
 /// `timeout` seconds from now.
@@ -231,7 +248,7 @@ async fn connect(
     cp: ControlPlane,
     sandbox_id: &str,
     body: ConnectSandbox,
-) -> Result<Json<CreatedSandbox>, ApiError> {
+) -> Result<ConnectResponse, ApiError> {
     let sandbox_id = parse_sandbox_id(sandbox_id)?;
     if body.memory == Some(false) {
         return Err(ApiError::bad_request(
@@ -239,9 +256,10 @@ async fn connect(
         ));
     }
     let timeout = body.timeout.unwrap_or(CONNECT_DEFAULT_TIMEOUT_SECS);
-    let record = cp.resume_sandbox(&sandbox_id, timeout, None, false).await?;
+    let (record, timing) = cp.resume_sandbox(&sandbox_id, timeout, None, false).await?;
     tracing::info!(sandbox_id = %sandbox_id, end_at = %record.end_at, "client connected to sandbox");
-    Ok(Json(created_sandbox(&cp, &record)))
+    let headers: Vec<(HeaderName, String)> = timing.iter().flat_map(server_timing_header).collect();
+    Ok((AppendHeaders(headers), Json(created_sandbox(&cp, &record))))
 }
 
 /// Parses a JSON body that may be empty, in which case the type's default applies.
@@ -411,7 +429,10 @@ fn listed_sandbox(record: &SandboxRecord) -> ListedSandbox {
 /// Builds the `Server-Timing` header of a create response. It lists each phase's duration,
 /// so clients and benchmarks can tell Hearth's share from the VMM's restore.
 fn server_timing_header(timing: &ServerTiming) -> [(HeaderName, String); 1] {
-    [(HeaderName::from_static("server-timing"), timing.header_value())]
+    [(
+        HeaderName::from_static("server-timing"),
+        timing.header_value(),
+    )]
 }
 
 #[utoipa::path(post, path = "/sandboxes/{sandboxID}/pause", tag = "sandboxes",
@@ -424,7 +445,7 @@ pub(crate) async fn pause(
     State(cp): State<ControlPlane>,
     Path(sandbox_id): Path<String>,
     body: Bytes,
-) -> Result<StatusCode, ApiError> {
+) -> Result<(StatusCode, [(HeaderName, String); 2]), ApiError> {
     let sandbox_id = parse_sandbox_id(&sandbox_id)?;
     let body: SandboxPauseRequest = parse_optional_body(&body)?;
     if body.memory == Some(false) {
@@ -432,10 +453,24 @@ pub(crate) async fn pause(
             "invalid memory false: Hearth pauses with memory only (mode \"full\")",
         ));
     }
-    if cp.pause_sandbox(&sandbox_id, "request").await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::new(StatusCode::CONFLICT, format!("sandbox {sandbox_id} is already paused")))
+    match cp.pause_sandbox(&sandbox_id, "request").await? {
+        Some((paused, timing)) => Ok((
+            StatusCode::NO_CONTENT,
+            [
+                (
+                    HeaderName::from_static("server-timing"),
+                    timing.header_value(),
+                ),
+                (
+                    HeaderName::from_static(BYTES_WRITTEN_HEADER),
+                    paused.bytes_written.to_string(),
+                ),
+            ],
+        )),
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("sandbox {sandbox_id} is already paused"),
+        )),
     }
 }
 
@@ -448,7 +483,14 @@ pub(crate) async fn resume(
     State(cp): State<ControlPlane>,
     Path(sandbox_id): Path<String>,
     body: Bytes,
-) -> Result<(StatusCode, Json<CreatedSandbox>), ApiError> {
+) -> Result<
+    (
+        StatusCode,
+        AppendHeaders<Vec<(HeaderName, String)>>,
+        Json<CreatedSandbox>,
+    ),
+    ApiError,
+> {
     let sandbox_id = parse_sandbox_id(&sandbox_id)?;
     let body: ResumedSandbox = parse_optional_body(&body)?;
     if body.memory == Some(false) {
@@ -456,9 +498,18 @@ pub(crate) async fn resume(
             "invalid memory false: Hearth resumes paused sandboxes with their memory only",
         ));
     }
-    let timeout = body.timeout.unwrap_or(crate::pausing::RESUME_DEFAULT_TIMEOUT_SECS);
-    let record = cp.resume_sandbox(&sandbox_id, timeout, body.auto_pause, true).await?;
-    Ok((StatusCode::CREATED, Json(created_sandbox(&cp, &record))))
+    let timeout = body
+        .timeout
+        .unwrap_or(crate::pausing::RESUME_DEFAULT_TIMEOUT_SECS);
+    let (record, timing) = cp
+        .resume_sandbox(&sandbox_id, timeout, body.auto_pause, true)
+        .await?;
+    let headers: Vec<(HeaderName, String)> = timing.iter().flat_map(server_timing_header).collect();
+    Ok((
+        StatusCode::CREATED,
+        AppendHeaders(headers),
+        Json(created_sandbox(&cp, &record)),
+    ))
 }
 
 #[utoipa::path(post, path = "/sandboxes/{sandboxID}/fork", tag = "sandboxes",
@@ -476,15 +527,22 @@ pub(crate) async fn fork(
     let forks = cp
         .fork_sandbox(
             &sandbox_id,
-            body.timeout.unwrap_or(crate::pausing::RESUME_DEFAULT_TIMEOUT_SECS),
+            body.timeout
+                .unwrap_or(crate::pausing::RESUME_DEFAULT_TIMEOUT_SECS),
             body.count.unwrap_or(1),
         )
         .await?;
     let results = forks
         .into_iter()
         .map(|fork| match fork {
-            Ok(record) => SandboxForkResult { sandbox: Some(created_sandbox(&cp, &record)), error: None },
-            Err(err) => SandboxForkResult { sandbox: None, error: Some(err.body()) },
+            Ok(record) => SandboxForkResult {
+                sandbox: Some(created_sandbox(&cp, &record)),
+                error: None,
+            },
+            Err(err) => SandboxForkResult {
+                sandbox: None,
+                error: Some(err.body()),
+            },
         })
         .collect();
     Ok((StatusCode::CREATED, Json(results)))
@@ -509,7 +567,13 @@ pub(crate) async fn create_snapshot(
         .with_error_code("snapshot_filesystem_only_disabled"));
     }
     let (snapshot_id, names) = cp.snapshot_sandbox(&sandbox_id, body.name).await?;
-    Ok((StatusCode::CREATED, Json(SnapshotInfo { snapshot_id: snapshot_id.to_string(), names })))
+    Ok((
+        StatusCode::CREATED,
+        Json(SnapshotInfo {
+            snapshot_id: snapshot_id.to_string(),
+            names,
+        }),
+    ))
 }
 
 #[utoipa::path(get, path = "/snapshots", tag = "snapshots",
@@ -521,13 +585,20 @@ pub(crate) async fn list_snapshots(
     ApiQuery(query): ApiQuery<ListSnapshotsQuery>,
 ) -> Result<(HeaderMap, Json<Vec<SnapshotInfo>>), ApiError> {
     let limit = parse_limit(query.limit.as_deref())?;
-    let offset = match query.next_token.as_deref().filter(|token| !token.is_empty()) {
+    let offset = match query
+        .next_token
+        .as_deref()
+        .filter(|token| !token.is_empty())
+    {
         Some(token) => token
             .parse::<usize>()
             .map_err(|_| ApiError::bad_request(format!("invalid nextToken {token:?}")))?,
         None => 0,
     };
-    let all = cp.store().list_snapshots(query.sandbox_id.as_deref(), query.name.as_deref()).await?;
+    let all = cp
+        .store()
+        .list_snapshots(query.sandbox_id.as_deref(), query.name.as_deref())
+        .await?;
     let total = all.len();
     let page: Vec<SnapshotInfo> = all
         .into_iter()
@@ -542,7 +613,10 @@ pub(crate) async fn list_snapshots(
     if offset + page.len() < total {
         headers.insert(
             HeaderName::from_static(NEXT_TOKEN_HEADER),
-            (offset + page.len()).to_string().parse().expect("digits are a valid header value"),
+            (offset + page.len())
+                .to_string()
+                .parse()
+                .expect("digits are a valid header value"),
         );
     }
     Ok((headers, Json(page)))

@@ -29,8 +29,16 @@ pub const DATABASE_FILE: &str = "hearth.db";
 
 /// Schema migrations, embedded so the binary needs no files beside it.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
-    (1, "initial", include_str!("../../migrations/0001_initial.sql")),
-    (2, "pause and snapshots", include_str!("../../migrations/0002_pause_and_snapshots.sql")),
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/0001_initial.sql"),
+    ),
+    (
+        2,
+        "pause and snapshots",
+        include_str!("../../migrations/0002_pause_and_snapshots.sql"),
+    ),
 ];
 
 /// Errors of the state store.

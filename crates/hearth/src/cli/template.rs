@@ -36,7 +36,9 @@ impl EnvdArgs {
         let beside_exe = std::env::current_exe()
             .ok()
             .and_then(|exe| exe.parent().map(|dir| dir.join("envd")));
-        let candidates = beside_exe.into_iter().chain([PathBuf::from("/usr/local/lib/hearth/envd")]);
+        let candidates = beside_exe
+            .into_iter()
+            .chain([PathBuf::from("/usr/local/lib/hearth/envd")]);
         for candidate in candidates {
             if candidate.is_file() {
                 return Ok(candidate);
@@ -60,6 +62,12 @@ pub enum TemplateCommand {
         /// Build again even when a ready base template exists.
         #[arg(long)]
         force: bool,
+        /// Guest memory of the template in MiB; every sandbox from it gets the same.
+        #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=65536))]
+        memory_mib: u32,
+        /// Virtual CPUs of the template; every sandbox from it gets the same.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=32))]
+        vcpus: u32,
     },
     /// Print the directory of a template's ready build.
     Path {
@@ -72,9 +80,20 @@ pub enum TemplateCommand {
 
 pub async fn run(command: TemplateCommand) -> anyhow::Result<()> {
     match command {
-        TemplateCommand::BuildBase { data, envd, force } => build_base_command(&data.data_dir, &envd, force).await,
+        TemplateCommand::BuildBase {
+            data,
+            envd,
+            force,
+            memory_mib,
+            vcpus,
+        } => {
+            let machine = hearth_vmm::MachineSize { vcpus, memory_mib };
+            build_base_command(&data.data_dir, &envd, force, machine).await
+        }
         TemplateCommand::Path { template, data } => {
-            let store = Store::open(&data.data_dir).await.context("failed to open the database")?;
+            let store = Store::open(&data.data_dir)
+                .await
+                .context("failed to open the database")?;
             let dir = ready_build_dir(&DataDir::new(&data.data_dir), &store, &template).await;
             store.close().await;
             match dir? {
@@ -82,15 +101,26 @@ pub async fn run(command: TemplateCommand) -> anyhow::Result<()> {
                     println!("{}", dir.display());
                     Ok(())
                 }
-                None => anyhow::bail!("template {template:?} has no ready build in {}", data.data_dir.display()),
+                None => anyhow::bail!(
+                    "template {template:?} has no ready build in {}",
+                    data.data_dir.display()
+                ),
             }
         }
     }
 }
 
 /// Directory of the ready build of `template`, if it has one whose files are complete.
-async fn ready_build_dir(data_dir: &DataDir, store: &Store, template: &str) -> anyhow::Result<Option<PathBuf>> {
-    let Some(record) = store.find_template(template).await.context("failed to look up the template")? else {
+async fn ready_build_dir(
+    data_dir: &DataDir,
+    store: &Store,
+    template: &str,
+) -> anyhow::Result<Option<PathBuf>> {
+    let Some(record) = store
+        .find_template(template)
+        .await
+        .context("failed to look up the template")?
+    else {
         return Ok(None);
     };
     if record.status != BuildStatus::Ready {
@@ -100,15 +130,23 @@ async fn ready_build_dir(data_dir: &DataDir, store: &Store, template: &str) -> a
     Ok(paths.is_ready().then(|| paths.dir().to_path_buf()))
 }
 
-async fn build_base_command(data_root: &Path, envd: &EnvdArgs, force: bool) -> anyhow::Result<()> {
+async fn build_base_command(
+    data_root: &Path,
+    envd: &EnvdArgs,
+    force: bool,
+    machine: hearth_vmm::MachineSize,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         nix::unistd::Uid::effective().is_root(),
         "building a template must run as root: it runs debootstrap and boots a VM in a network namespace"
     );
-    std::fs::create_dir_all(data_root).with_context(|| format!("failed to create data dir {}", data_root.display()))?;
+    std::fs::create_dir_all(data_root)
+        .with_context(|| format!("failed to create data dir {}", data_root.display()))?;
     let data_root = std::fs::canonicalize(data_root)?;
     let data_dir = DataDir::new(&data_root);
-    let store = Store::open(&data_root).await.context("failed to open the database")?;
+    let store = Store::open(&data_root)
+        .await
+        .context("failed to open the database")?;
 
     if !force {
         if let Some(dir) = ready_build_dir(&data_dir, &store, BASE_ALIAS).await? {
@@ -126,7 +164,7 @@ async fn build_base_command(data_root: &Path, envd: &EnvdArgs, force: bool) -> a
         .await
         .context("failed to prepare a network slot for the build VM (is `hearth serve` running on this data dir?)")?;
 
-    let built = build_and_register(&data_dir, &store, &slots, &driver, envd).await;
+    let built = build_and_register(&data_dir, &store, &slots, &driver, envd, Some(machine)).await;
     if let Err(err) = slots.shutdown().await {
         tracing::error!(error = %err, "failed to remove the build's network slot");
     }
@@ -145,18 +183,23 @@ pub async fn ensure_base_template(
     envd: &EnvdArgs,
 ) -> anyhow::Result<()> {
     if let Some(dir) = ready_build_dir(data_dir, store, BASE_ALIAS).await? {
-        let built_by = hearth_storage::TemplateManifest::load(&dir.join("manifest.json")).map(|manifest| manifest.vmm);
+        let built_by = hearth_storage::TemplateManifest::load(&dir.join("manifest.json"))
+            .map(|manifest| manifest.vmm);
         match built_by {
             Ok(vmm) if vmm == driver.kind().as_str() => {
                 tracing::info!(path = %dir.display(), "base template is ready");
                 return Ok(());
             }
-            Ok(vmm) => tracing::warn!(path = %dir.display(), built_by = %vmm, driver = %driver.kind(), "base template was snapshotted by another VMM; building it again"),
-            Err(err) => tracing::warn!(path = %dir.display(), error = %err, "base template manifest is unreadable; building it again"),
+            Ok(vmm) => {
+                tracing::warn!(path = %dir.display(), built_by = %vmm, driver = %driver.kind(), "base template was snapshotted by another VMM; building it again")
+            }
+            Err(err) => {
+                tracing::warn!(path = %dir.display(), error = %err, "base template manifest is unreadable; building it again")
+            }
         }
     }
     tracing::info!("base template missing: building it now (debootstrap, kernel, first boot; several minutes under TCG)");
-    build_and_register(data_dir, store, slots, driver, envd).await?;
+    build_and_register(data_dir, store, slots, driver, envd, None).await?;
     Ok(())
 }
 
@@ -166,9 +209,13 @@ async fn build_and_register(
     slots: &SlotPool,
     driver: &dyn hearth_vmm::VmmDriver,
     envd: &EnvdArgs,
+    machine: Option<hearth_vmm::MachineSize>,
 ) -> anyhow::Result<PathBuf> {
     let envd_binary = envd.resolve()?;
     let mut options = BaseTemplateOptions::new(data_dir.clone(), &envd_binary);
+    if let Some(machine) = machine {
+        options.machine = machine;
+    }
     options.template_id = TemplateId::generate();
     options.build_id = hearth_control_plane::new_build_id();
 
@@ -178,7 +225,10 @@ async fn build_and_register(
         move |event: BuildProgress| bar.set_message(format!("{:?}: {}", event.step, event.message))
     };
 
-    let slot = slots.acquire().await.context("failed to get a network slot for the build VM")?;
+    let slot = slots
+        .acquire()
+        .await
+        .context("failed to get a network slot for the build VM")?;
     let built = hearth_template_builder::build_base_template(&options, driver, &slot, &show).await;
     if let Err(err) = slots.release(slot).await {
         tracing::error!(error = %err, "failed to release the build VM's network slot");
@@ -190,7 +240,10 @@ async fn build_and_register(
             return Err(anyhow::Error::new(err).context("base template build failed"));
         }
     };
-    bar.finish_with_message(format!("base template built in {:.1} s", built.total.as_secs_f64()));
+    bar.finish_with_message(format!(
+        "base template built in {:.1} s",
+        built.total.as_secs_f64()
+    ));
 
     let record = TemplateBuildRecord {
         template_id: options.template_id.clone(),
@@ -201,14 +254,18 @@ async fn build_and_register(
         envd_version: built.manifest.envd_version.clone(),
         aliases: vec![BASE_ALIAS.to_owned()],
     };
-    store.register_template_build(&record).await.context("failed to record the template build")?;
+    store
+        .register_template_build(&record)
+        .await
+        .context("failed to record the template build")?;
     Ok(built.paths.dir().to_path_buf())
 }
 
 fn progress_bar() -> ProgressBar {
     let bar = ProgressBar::new_spinner();
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("the progress template is valid"),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .expect("the progress template is valid"),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar

@@ -43,8 +43,8 @@ pub use config::{ApiRequest, BootPlan, LogLevel, SnapshotType, VmRunState};
 pub use jailer::JailerConfig;
 
 use crate::{
-    BootSpec, DiskFormat, RestoreSpec, SnapshotMemory, SnapshotReport, SnapshotTarget, Vm, VmPlacement, VmmDriver,
-    VmmError, VmmKind,
+    BootSpec, DiskFormat, RestoreSpec, SnapshotMemory, SnapshotReport, SnapshotTarget, Vm,
+    VmPlacement, VmmDriver, VmmError, VmmKind,
 };
 
 /// Environment variable naming the Firecracker binary.
@@ -105,7 +105,9 @@ pub fn firecracker_binary_from_env() -> Option<PathBuf> {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    std::fs::metadata(path)
+        .map(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// Drives Firecracker microVMs.
@@ -124,7 +126,10 @@ impl FirecrackerDriver {
     /// or returns `None` when there is none.
     pub fn from_env() -> Option<Self> {
         let binary = firecracker_binary_from_env()?;
-        Some(Self::new(FirecrackerConfig { binary, ..FirecrackerConfig::default() }))
+        Some(Self::new(FirecrackerConfig {
+            binary,
+            ..FirecrackerConfig::default()
+        }))
     }
 
     /// The driver's settings.
@@ -168,7 +173,11 @@ impl FirecrackerDriver {
         });
         let (vmstate, memory) = match files {
             Ok(files) => files,
-            Err(err) => return Err(vm.fail(format!("failed to prepare snapshot files: {err}")).await),
+            Err(err) => {
+                return Err(vm
+                    .fail(format!("failed to prepare snapshot files: {err}"))
+                    .await)
+            }
         };
         let mut requests = vm.logging_requests(&self.config);
         requests.push(config::snapshot_load_request(&vmstate, &memory));
@@ -205,14 +214,22 @@ impl FirecrackerDriver {
             Some(jailer) => {
                 let root = jailer.chroot_root(&self.config.binary, &id);
                 std::fs::create_dir_all(&root).map_err(prepare("jail directory", &root))?;
-                Some(Jail { dir: jailer.jail_dir(&self.config.binary, &id), root, owner: (jailer.uid, jailer.gid) })
+                Some(Jail {
+                    dir: jailer.jail_dir(&self.config.binary, &id),
+                    root,
+                    owner: (jailer.uid, jailer.gid),
+                })
             }
             None => None,
         };
-        let sockets = SocketPaths::choose(run_dir, jail.as_ref().map(|jail| jail.root.as_path()), &id)
-            .map_err(prepare("API socket", run_dir))?;
+        let sockets =
+            SocketPaths::choose(run_dir, jail.as_ref().map(|jail| jail.root.as_path()), &id)
+                .map_err(prepare("API socket", run_dir))?;
 
-        let mut firecracker_args = vec!["--api-sock".to_owned(), sockets.firecracker.to_string_lossy().into_owned()];
+        let mut firecracker_args = vec![
+            "--api-sock".to_owned(),
+            sockets.firecracker.to_string_lossy().into_owned(),
+        ];
         // The jailer passes its own `--id` on to Firecracker, which rejects a second one.
         if self.config.jailer.is_none() {
             firecracker_args.extend(["--id".to_owned(), id.clone()]);
@@ -223,13 +240,26 @@ impl FirecrackerDriver {
 
         let (program, args, netns_path, cwd) = match &self.config.jailer {
             Some(jailer) => {
-                let args = jailer.args(&id, &self.config.binary, placement.netns.as_deref(), &firecracker_args);
+                let args = jailer.args(
+                    &id,
+                    &self.config.binary,
+                    placement.netns.as_deref(),
+                    &firecracker_args,
+                );
                 // The jailer joins the namespace itself and chroots, which sets the directory.
                 (jailer.binary.clone(), args, None, PathBuf::from("/"))
             }
             None => {
-                let netns = placement.netns.as_ref().map(|name| Path::new("/run/netns").join(name));
-                (self.config.binary.clone(), firecracker_args, netns, run_dir.clone())
+                let netns = placement
+                    .netns
+                    .as_ref()
+                    .map(|name| Path::new("/run/netns").join(name));
+                (
+                    self.config.binary.clone(),
+                    firecracker_args,
+                    netns,
+                    run_dir.clone(),
+                )
             }
         };
         let netns = match &netns_path {
@@ -283,7 +313,10 @@ impl FirecrackerDriver {
             jail,
         };
         let child = vm.child.as_mut().expect("set above");
-        let ready = vm.client.wait_ready(SOCKET_TIMEOUT, || matches!(child.try_wait(), Ok(None))).await;
+        let ready = vm
+            .client
+            .wait_ready(SOCKET_TIMEOUT, || matches!(child.try_wait(), Ok(None)))
+            .await;
         if let Err(err) = ready {
             return Err(vm.fail(err.to_string()).await);
         }
@@ -313,7 +346,10 @@ fn require_raw_disk(format: DiskFormat, path: &Path) -> Result<(), VmmError> {
     Err(VmmError::Prepare {
         what: "root disk (Firecracker opens raw images only)",
         path: path.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "disk format is qcow2, expected raw"),
+        source: std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "disk format is qcow2, expected raw",
+        ),
     })
 }
 
@@ -325,7 +361,11 @@ fn new_vm_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.subsec_nanos())
         .unwrap_or(0);
-    format!("hearth-{}-{}-{nanos:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "hearth-{}-{}-{nanos:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The jail of one VM.
@@ -362,19 +402,35 @@ impl SocketPaths {
         let paths = match jail_root {
             None => {
                 let preferred = run_dir.join(SOCKET_NAME);
-                let path = if preferred.as_os_str().len() <= MAX_SOCKET_PATH { preferred } else { short()? };
-                Self { firecracker: path.clone(), host: path.clone(), cleanup: vec![path] }
+                let path = if preferred.as_os_str().len() <= MAX_SOCKET_PATH {
+                    preferred
+                } else {
+                    short()?
+                };
+                Self {
+                    firecracker: path.clone(),
+                    host: path.clone(),
+                    cleanup: vec![path],
+                }
             }
             Some(root) => {
                 let inside = root.join(SOCKET_NAME);
                 let firecracker = Path::new("/").join(SOCKET_NAME);
                 if inside.as_os_str().len() <= MAX_SOCKET_PATH {
-                    Self { firecracker, host: inside, cleanup: Vec::new() }
+                    Self {
+                        firecracker,
+                        host: inside,
+                        cleanup: Vec::new(),
+                    }
                 } else {
                     let link = short()?;
                     remove_if_present(&link)?;
                     std::os::unix::fs::symlink(&inside, &link)?;
-                    Self { firecracker, host: link.clone(), cleanup: vec![link] }
+                    Self {
+                        firecracker,
+                        host: link.clone(),
+                        cleanup: vec![link],
+                    }
                 }
             }
         };
@@ -392,7 +448,10 @@ fn remove_symlink(path: &Path) -> Result<(), std::io::Error> {
         Ok(meta) if meta.file_type().is_symlink() => std::fs::remove_file(path),
         Ok(_) => Err(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a symlink; move it out of the run directory", path.display()),
+            format!(
+                "{} exists and is not a symlink; move it out of the run directory",
+                path.display()
+            ),
         )),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(err),
@@ -449,7 +508,11 @@ impl FirecrackerVm {
     }
 
     /// Builds the boot requests' values, with paths as Firecracker sees them.
-    fn boot_plan(&self, spec: &BootSpec, config: &FirecrackerConfig) -> Result<BootPlan, std::io::Error> {
+    fn boot_plan(
+        &self,
+        spec: &BootSpec,
+        config: &FirecrackerConfig,
+    ) -> Result<BootPlan, std::io::Error> {
         let disk = self.expose_disk(&spec.disk.path)?;
         let kernel = self.expose_input(&spec.kernel, "vmlinux")?;
         let initrd = match &spec.initrd {
@@ -469,14 +532,19 @@ impl FirecrackerVm {
             disk,
             tap: spec.placement.netns.as_ref().map(|_| TAP_NAME.to_owned()),
             guest_mac: GUEST_MAC.to_owned(),
-            mmds: config.mmds_metadata.clone().unwrap_or_else(|| serde_json::json!({})),
+            mmds: config
+                .mmds_metadata
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({})),
             balloon: true,
         })
     }
 
     fn logging_requests(&self, config: &FirecrackerConfig) -> Vec<ApiRequest> {
         match self.log_paths() {
-            Ok((log, metrics)) => config::logging_requests(&log, &metrics, config.log_level.unwrap_or_default()),
+            Ok((log, metrics)) => {
+                config::logging_requests(&log, &metrics, config.log_level.unwrap_or_default())
+            }
             Err(err) => {
                 tracing::warn!(pid = self.pid, %err, "failed to link Firecracker's logs into the jail; running without them");
                 Vec::new()
@@ -524,7 +592,12 @@ impl FirecrackerVm {
     }
 
     /// Sends `requests` in order within `timeout`; the first failure stops the VM.
-    async fn send_all(&mut self, requests: &[ApiRequest], timeout: Duration, what: &'static str) -> Result<(), VmmError> {
+    async fn send_all(
+        &mut self,
+        requests: &[ApiRequest],
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<(), VmmError> {
         let client = self.client.clone();
         let sent = tokio::time::timeout(timeout, async {
             for request in requests {
@@ -539,7 +612,11 @@ impl FirecrackerVm {
             Err(_) => {
                 let pid = self.pid;
                 let _ = self.stop().await;
-                Err(VmmError::Timeout { pid, what, timeout_ms: timeout.as_millis() as u64 })
+                Err(VmmError::Timeout {
+                    pid,
+                    what,
+                    timeout_ms: timeout.as_millis() as u64,
+                })
             }
         }
     }
@@ -547,11 +624,19 @@ impl FirecrackerVm {
     /// Sends one request, turning a failure into a [`VmmError`] with Firecracker's logs,
     /// without stopping the VM.
     async fn request(&self, request: &ApiRequest) -> Result<(), VmmError> {
-        self.client.send(request).await.map(|_| ()).map_err(|err| self.error(err.to_string()))
+        self.client
+            .send(request)
+            .await
+            .map(|_| ())
+            .map_err(|err| self.error(err.to_string()))
     }
 
     fn error(&self, message: String) -> VmmError {
-        VmmError::Vmm { pid: self.pid, message, log_tail: self.log_tail() }
+        VmmError::Vmm {
+            pid: self.pid,
+            message,
+            log_tail: self.log_tail(),
+        }
     }
 
     /// Stops the VM and builds the error for `message`, quoting the logs.
@@ -593,15 +678,30 @@ impl FirecrackerVm {
                     let path = jail.root.join(name);
                     remove_if_present(&path).map_err(prepare("jail snapshot file", &path))?;
                 }
-                (PathBuf::from("/snapshot-out.vmstate"), PathBuf::from("/snapshot-out.mem"))
+                (
+                    PathBuf::from("/snapshot-out.vmstate"),
+                    PathBuf::from("/snapshot-out.mem"),
+                )
             }
         };
-        let snapshot_type = if target.diff { SnapshotType::Diff } else { SnapshotType::Full };
-        self.request(&config::snapshot_create_request(snapshot_type, &vmstate_out, &memory_out)).await?;
+        let snapshot_type = if target.diff {
+            SnapshotType::Diff
+        } else {
+            SnapshotType::Full
+        };
+        self.request(&config::snapshot_create_request(
+            snapshot_type,
+            &vmstate_out,
+            &memory_out,
+        ))
+        .await?;
 
         if let Some(jail) = &self.jail {
             let moves = [
-                (jail.root.join("snapshot-out.vmstate"), vmstate_temp.path.clone()),
+                (
+                    jail.root.join("snapshot-out.vmstate"),
+                    vmstate_temp.path.clone(),
+                ),
                 (jail.root.join("snapshot-out.mem"), memory_temp.path.clone()),
             ];
             for (from, to) in moves {
@@ -610,18 +710,29 @@ impl FirecrackerVm {
         }
 
         let memory_bytes = if target.diff {
-            merge_diff(&memory_temp.path, &target.memory).map_err(prepare("snapshot memory file", &target.memory))?
+            merge_diff(&memory_temp.path, &target.memory)
+                .map_err(prepare("snapshot memory file", &target.memory))?
         } else {
-            let file = File::open(&memory_temp.path).map_err(prepare("snapshot memory file", &memory_temp.path))?;
-            file.sync_all().map_err(prepare("snapshot memory file", &memory_temp.path))?;
-            let written = allocated_bytes(&file).map_err(prepare("snapshot memory file", &memory_temp.path))?;
-            memory_temp.persist(&target.memory).map_err(prepare("snapshot memory file", &target.memory))?;
+            let file = File::open(&memory_temp.path)
+                .map_err(prepare("snapshot memory file", &memory_temp.path))?;
+            file.sync_all()
+                .map_err(prepare("snapshot memory file", &memory_temp.path))?;
+            let written = allocated_bytes(&file)
+                .map_err(prepare("snapshot memory file", &memory_temp.path))?;
+            memory_temp
+                .persist(&target.memory)
+                .map_err(prepare("snapshot memory file", &target.memory))?;
             written
         };
 
-        let vmstate = File::open(&vmstate_temp.path).map_err(prepare("snapshot state file", &vmstate_temp.path))?;
-        vmstate.sync_all().map_err(prepare("snapshot state file", &vmstate_temp.path))?;
-        vmstate_temp.persist(&target.vmstate).map_err(prepare("snapshot state file", &target.vmstate))?;
+        let vmstate = File::open(&vmstate_temp.path)
+            .map_err(prepare("snapshot state file", &vmstate_temp.path))?;
+        vmstate
+            .sync_all()
+            .map_err(prepare("snapshot state file", &vmstate_temp.path))?;
+        vmstate_temp
+            .persist(&target.vmstate)
+            .map_err(prepare("snapshot state file", &target.vmstate))?;
         sync_dir(memory_dir).map_err(prepare("snapshot directory", memory_dir))?;
         if vmstate_dir != memory_dir {
             sync_dir(vmstate_dir).map_err(prepare("snapshot directory", vmstate_dir))?;
@@ -648,15 +759,23 @@ impl Vm for FirecrackerVm {
     async fn snapshot(&mut self, target: &SnapshotTarget) -> Result<SnapshotReport, VmmError> {
         let started = Instant::now();
         let pid = self.pid;
-        self.request(&config::vm_state_request(VmRunState::Paused)).await?;
+        self.request(&config::vm_state_request(VmRunState::Paused))
+            .await?;
 
-        let written = match tokio::time::timeout(SNAPSHOT_TIMEOUT, self.write_snapshot(target)).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(VmmError::Timeout { pid, what: "snapshot", timeout_ms: SNAPSHOT_TIMEOUT.as_millis() as u64 })
-            }
-        };
-        let vmstate_bytes = std::fs::metadata(&target.vmstate).map(|meta| meta.len()).unwrap_or(0);
+        let written =
+            match tokio::time::timeout(SNAPSHOT_TIMEOUT, self.write_snapshot(target)).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(VmmError::Timeout {
+                        pid,
+                        what: "snapshot",
+                        timeout_ms: SNAPSHOT_TIMEOUT.as_millis() as u64,
+                    })
+                }
+            };
+        let vmstate_bytes = std::fs::metadata(&target.vmstate)
+            .map(|meta| meta.len())
+            .unwrap_or(0);
         let bytes_written = vmstate_bytes + written;
 
         tracing::info!(
@@ -669,11 +788,15 @@ impl Vm for FirecrackerVm {
             elapsed_us = started.elapsed().as_micros() as u64,
             "Firecracker snapshot written"
         );
-        Ok(SnapshotReport { memory: SnapshotMemory::InMemoryFile, bytes_written })
+        Ok(SnapshotReport {
+            memory: SnapshotMemory::InMemoryFile,
+            bytes_written,
+        })
     }
 
     async fn resume(&mut self) -> Result<(), VmmError> {
-        self.request(&config::vm_state_request(VmRunState::Resumed)).await
+        self.request(&config::vm_state_request(VmRunState::Resumed))
+            .await
     }
 
     async fn stop(&mut self) -> Result<(), VmmError> {
@@ -682,11 +805,17 @@ impl Vm for FirecrackerVm {
             if let Err(source) = child.start_kill() {
                 if source.kind() != std::io::ErrorKind::InvalidInput {
                     self.child = Some(child);
-                    return Err(VmmError::Stop { pid: self.pid, source });
+                    return Err(VmmError::Stop {
+                        pid: self.pid,
+                        source,
+                    });
                 }
             }
             if let Err(source) = child.wait().await {
-                return Err(VmmError::Stop { pid: self.pid, source });
+                return Err(VmmError::Stop {
+                    pid: self.pid,
+                    source,
+                });
             }
             tracing::info!(pid = self.pid, id = %self.id, run_dir = %self.run_dir.display(), "Firecracker VM stopped");
         }
@@ -723,9 +852,15 @@ struct TempFile {
 impl TempFile {
     /// Names a temporary file in the directory of `target`; the file itself is not created.
     fn next_to(target: &Path, id: &str) -> Self {
-        let name = target.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = target
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let path = target.with_file_name(format!(".{name}.{id}.tmp"));
-        Self { path, persisted: false }
+        Self {
+            path,
+            persisted: false,
+        }
     }
 
     /// Renames the file to `target`, replacing it.
@@ -757,7 +892,9 @@ fn merge_diff(diff: &Path, base: &Path) -> Result<u64, std::io::Error> {
     if base_len != len {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("diff snapshot memory is {len} bytes but the base memory file is {base_len} bytes"),
+            format!(
+                "diff snapshot memory is {len} bytes but the base memory file is {base_len} bytes"
+            ),
         ));
     }
     let mut copied = 0;
@@ -790,7 +927,9 @@ fn move_file(from: &Path, to: &Path) -> Result<(), std::io::Error> {
 }
 
 fn parent_dir(path: &Path) -> &Path {
-    path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    path.parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), std::io::Error> {
@@ -852,7 +991,10 @@ mod tests {
 
         assert_ne!(first, second);
         assert!(first.len() <= 64);
-        assert!(first.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{first}");
+        assert!(
+            first.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "{first}"
+        );
     }
 
     #[test]
@@ -871,7 +1013,9 @@ mod tests {
         let merged = std::fs::read(&base).unwrap();
         assert!((4096..3 << 20).contains(&copied), "copied {copied}");
         assert_eq!(merged[(1 << 20) - 1], 1);
-        assert!(merged[1 << 20..(1 << 20) + 4096].iter().all(|&byte| byte == 9));
+        assert!(merged[1 << 20..(1 << 20) + 4096]
+            .iter()
+            .all(|&byte| byte == 9));
         assert_eq!(merged[(1 << 20) + 4096], 1);
     }
 
