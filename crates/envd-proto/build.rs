@@ -11,10 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let include_dir = manifest_dir.join("proto");
     for file in PROTO_FILES {
-        println!(
-            "cargo:rerun-if-changed={}",
-            include_dir.join(file).display()
-        );
+        println!("cargo:rerun-if-changed={}", include_dir.join(file).display());
     }
 
     let descriptors = protox::compile(PROTO_FILES, [&include_dir])?;

@@ -91,11 +91,7 @@ impl ApiError {
 
     /// Returns the body this error is sent with.
     pub fn body(&self) -> ErrorBody {
-        ErrorBody {
-            code: self.status.as_u16(),
-            message: self.message.clone(),
-            error_code: self.error_code,
-        }
+        ErrorBody { code: self.status.as_u16(), message: self.message.clone(), error_code: self.error_code }
     }
 }
 

@@ -66,10 +66,7 @@ pub struct SnapshotSpec {
 pub enum RuntimeError {
     /// The template build has no artifacts on this node.
     #[error("template {template_id} build {build_id} is not available on this node")]
-    TemplateUnavailable {
-        template_id: TemplateId,
-        build_id: BuildId,
-    },
+    TemplateUnavailable { template_id: TemplateId, build_id: BuildId },
     /// The node has no room for another sandbox (slots, memory).
     #[error("node is out of capacity: {0}")]
     Capacity(String),
@@ -88,10 +85,7 @@ pub enum RuntimeError {
     PauseFailedKilled(String),
     /// The paused sandbox has no usable paused state on this node.
     #[error("paused sandbox {sandbox_id} cannot be resumed: {reason}")]
-    PausedStateUnusable {
-        sandbox_id: SandboxId,
-        reason: String,
-    },
+    PausedStateUnusable { sandbox_id: SandboxId, reason: String },
 }
 
 /// Runs sandboxes on a node.
@@ -122,11 +116,7 @@ pub trait SandboxRuntime: Send + Sync + 'static {
     async fn paused(&self) -> Vec<SandboxId>;
 
     /// Checkpoints a running sandbox (it keeps running) into a new template build.
-    async fn snapshot(
-        &self,
-        sandbox_id: &SandboxId,
-        target: SnapshotSpec,
-    ) -> Result<(), RuntimeError>;
+    async fn snapshot(&self, sandbox_id: &SandboxId, target: SnapshotSpec) -> Result<(), RuntimeError>;
 
     /// Checkpoints a running sandbox once (it keeps running) and starts one sandbox per
     /// entry of `forks` from that checkpoint. The outer error fails all forks; each fork

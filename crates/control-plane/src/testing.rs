@@ -7,9 +7,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use hearth_types::SandboxId;
 
-use crate::runtime::{
-    PausedSandbox, RuntimeError, SandboxRuntime, SandboxSpec, SnapshotSpec, StartedSandbox,
-};
+use crate::runtime::{PausedSandbox, RuntimeError, SandboxRuntime, SandboxSpec, SnapshotSpec, StartedSandbox};
 
 /// One call the control plane made.
 #[derive(Clone, Debug)]
@@ -143,40 +141,27 @@ impl SandboxRuntime for RecordingRuntime {
     }
 
     async fn pause(&self, sandbox_id: &SandboxId) -> Result<PausedSandbox, RuntimeError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(RuntimeCall::Pause(sandbox_id.clone()));
+        self.calls.lock().unwrap().push(RuntimeCall::Pause(sandbox_id.clone()));
         if !self.running.lock().unwrap().contains(sandbox_id) {
             return Err(RuntimeError::NotFound(sandbox_id.clone()));
         }
         match *self.fail_pauses.lock().unwrap() {
             Some(PauseFailure::KeepsRunning) => {
-                return Err(RuntimeError::PauseFailedRunning(
-                    "injected pause failure".into(),
-                ))
+                return Err(RuntimeError::PauseFailedRunning("injected pause failure".into()))
             }
             Some(PauseFailure::Killed) => {
                 self.running.lock().unwrap().remove(sandbox_id);
-                return Err(RuntimeError::PauseFailedKilled(
-                    "injected pause failure".into(),
-                ));
+                return Err(RuntimeError::PauseFailedKilled("injected pause failure".into()));
             }
             None => {}
         }
         self.running.lock().unwrap().remove(sandbox_id);
         self.paused.lock().unwrap().insert(sandbox_id.clone());
-        Ok(PausedSandbox {
-            bytes_written: 0,
-            timings: Vec::new(),
-        })
+        Ok(PausedSandbox { bytes_written: 0, timings: Vec::new() })
     }
 
     async fn resume(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(RuntimeCall::Resume(spec.clone()));
+        self.calls.lock().unwrap().push(RuntimeCall::Resume(spec.clone()));
         if !self.paused.lock().unwrap().remove(&spec.sandbox_id) {
             return Err(RuntimeError::PausedStateUnusable {
                 sandbox_id: spec.sandbox_id,
@@ -184,10 +169,7 @@ impl SandboxRuntime for RecordingRuntime {
             });
         }
         self.running.lock().unwrap().insert(spec.sandbox_id);
-        Ok(StartedSandbox {
-            envd_version: hearth_types::ENVD_VERSION.to_owned(),
-            timings: Vec::new(),
-        })
+        Ok(StartedSandbox { envd_version: hearth_types::ENVD_VERSION.to_owned(), timings: Vec::new() })
     }
 
     async fn discard_paused(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {
@@ -199,15 +181,8 @@ impl SandboxRuntime for RecordingRuntime {
         self.paused.lock().unwrap().iter().cloned().collect()
     }
 
-    async fn snapshot(
-        &self,
-        sandbox_id: &SandboxId,
-        target: SnapshotSpec,
-    ) -> Result<(), RuntimeError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(RuntimeCall::Snapshot(sandbox_id.clone(), target));
+    async fn snapshot(&self, sandbox_id: &SandboxId, target: SnapshotSpec) -> Result<(), RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Snapshot(sandbox_id.clone(), target));
         if !self.running.lock().unwrap().contains(sandbox_id) {
             return Err(RuntimeError::NotFound(sandbox_id.clone()));
         }
@@ -219,10 +194,7 @@ impl SandboxRuntime for RecordingRuntime {
         sandbox_id: &SandboxId,
         forks: Vec<SandboxSpec>,
     ) -> Result<Vec<Result<StartedSandbox, RuntimeError>>, RuntimeError> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push(RuntimeCall::Fork(sandbox_id.clone(), forks.clone()));
+        self.calls.lock().unwrap().push(RuntimeCall::Fork(sandbox_id.clone(), forks.clone()));
         if !self.running.lock().unwrap().contains(sandbox_id) {
             return Err(RuntimeError::NotFound(sandbox_id.clone()));
         }
@@ -231,10 +203,7 @@ impl SandboxRuntime for RecordingRuntime {
             .into_iter()
             .map(|spec| {
                 running.insert(spec.sandbox_id);
-                Ok(StartedSandbox {
-                    envd_version: hearth_types::ENVD_VERSION.to_owned(),
-                    timings: Vec::new(),
-                })
+                Ok(StartedSandbox { envd_version: hearth_types::ENVD_VERSION.to_owned(), timings: Vec::new() })
             })
             .collect())
     }

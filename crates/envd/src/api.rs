@@ -41,10 +41,7 @@ pub fn router(state: Arc<AppState>, set_clock: bool) -> Router {
                 },
             ),
         )
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            check_access_token,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), check_access_token))
         // `/health` is added after the layer, so it responds without a token.
         .route("/health", get(health))
         .with_state(state)
@@ -68,11 +65,7 @@ fn token_matches(headers: &HeaderMap, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-async fn check_access_token(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
+async fn check_access_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let Some(token) = state.config().access_token else {
         return next.run(request).await;
     };
@@ -82,11 +75,7 @@ async fn check_access_token(
         return next.run(request).await;
     }
     if path == "/files" {
-        let operation = if request.method() == http::Method::GET {
-            "read"
-        } else {
-            "write"
-        };
+        let operation = if request.method() == http::Method::GET { "read" } else { "write" };
         let query = Query::<FilesQuery>::try_from_uri(request.uri()).ok();
         if query.is_some_and(|query| signature_is_valid(&query, operation, &token)) {
             return next.run(request).await;
@@ -146,9 +135,7 @@ async fn init(
         let body_matches = request.access_token.as_deref() == Some(current.as_str());
         if !body_matches && !token_matches(&headers, &current) {
             tracing::warn!("rejected /init without the current access token");
-            return unauthorized(
-                "an access token is set; send it in X-Access-Token or as accessToken",
-            );
+            return unauthorized("an access token is set; send it in X-Access-Token or as accessToken");
         }
     }
 
@@ -236,9 +223,7 @@ async fn metrics() -> Json<Metrics> {
     let (disk_total, disk_free) = read_disk("/");
     Json(Metrics {
         ts: chrono::Utc::now().timestamp(),
-        cpu_count: std::thread::available_parallelism()
-            .map(usize::from)
-            .unwrap_or(1),
+        cpu_count: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
         cpu_used_pct: (cpu_used_pct * 100.0).round() / 100.0,
         mem_total,
         mem_used,
@@ -253,11 +238,7 @@ async fn metrics() -> Json<Metrics> {
 fn read_cpu_times() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().next()?;
-    let values: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|value| value.parse().ok())
-        .collect();
+    let values: Vec<u64> = line.split_whitespace().skip(1).filter_map(|value| value.parse().ok()).collect();
     let total: u64 = values.iter().sum();
     let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
     Some((total - idle, total))

@@ -225,15 +225,9 @@ impl RpcContext {
             None => None,
             Some(value) => {
                 let text = value.to_str().unwrap_or_default();
-                let millis: u64 =
-                    text.parse()
-                        .ok()
-                        .filter(|_| text.len() <= 10)
-                        .ok_or_else(|| {
-                            RpcError::invalid_argument(format!(
-                                "invalid {TIMEOUT_HEADER} header {text:?}"
-                            ))
-                        })?;
+                let millis: u64 = text.parse().ok().filter(|_| text.len() <= 10).ok_or_else(
+                    || RpcError::invalid_argument(format!("invalid {TIMEOUT_HEADER} header {text:?}")),
+                )?;
                 Some(Instant::now() + Duration::from_millis(millis))
             }
         };
@@ -262,12 +256,7 @@ fn content_type(headers: &HeaderMap) -> String {
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default();
-    value
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase()
+    value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase()
 }
 
 fn unsupported_media_type(content_type: &str, expected: &str) -> Response {
@@ -329,15 +318,11 @@ impl Compression {
                 flate2::read::GzDecoder::new(&data[..])
                     .take(MAX_MESSAGE_BYTES as u64 + 1)
                     .read_to_end(&mut output)
-                    .map_err(|err| {
-                        RpcError::invalid_argument(format!("invalid gzip message: {err}"))
-                    })?;
+                    .map_err(|err| RpcError::invalid_argument(format!("invalid gzip message: {err}")))?;
                 if output.len() > MAX_MESSAGE_BYTES {
                     return Err(RpcError::new(
                         Code::ResourceExhausted,
-                        format!(
-                            "decompressed message exceeds the limit of {MAX_MESSAGE_BYTES} bytes"
-                        ),
+                        format!("decompressed message exceeds the limit of {MAX_MESSAGE_BYTES} bytes"),
                     ));
                 }
                 Ok(Bytes::from(output))
@@ -388,15 +373,10 @@ where
     };
 
     let result = match context.deadline {
-        Some(deadline) => {
-            match tokio::time::timeout_at(deadline, handler(context, message)).await {
-                Ok(result) => result,
-                Err(_) => Err(RpcError::new(
-                    Code::DeadlineExceeded,
-                    "the call's deadline passed",
-                )),
-            }
-        }
+        Some(deadline) => match tokio::time::timeout_at(deadline, handler(context, message)).await {
+            Ok(result) => result,
+            Err(_) => Err(RpcError::new(Code::DeadlineExceeded, "the call's deadline passed")),
+        },
         None => handler(context, message).await,
     };
     match result {
@@ -486,11 +466,7 @@ async fn read_single_envelope<Req: RpcMessage>(
     let mut reader = EnvelopeReader::new(body, compression);
     let message = match reader.next_message().await? {
         Some(payload) => codec.decode(&payload)?,
-        None => {
-            return Err(RpcError::invalid_argument(
-                "the request stream has no message",
-            ))
-        }
+        None => return Err(RpcError::invalid_argument("the request stream has no message")),
     };
 
     // Read the body to its end before responding. hyper keeps an HTTP/1.1 connection open
@@ -533,13 +509,8 @@ where
         Ok::<_, RpcError>((deadline, handler(context, message).await?))
     };
     match started.await {
-        Ok((deadline, messages)) => {
-            stream_response(codec, frame_messages(codec, deadline, messages))
-        }
-        Err(err) => stream_response(
-            codec,
-            futures::stream::iter([end_stream_envelope(Some(&err))]),
-        ),
+        Ok((deadline, messages)) => stream_response(codec, frame_messages(codec, deadline, messages)),
+        Err(err) => stream_response(codec, futures::stream::iter([end_stream_envelope(Some(&err))])),
     }
 }
 
@@ -573,22 +544,14 @@ where
         match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, call)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(RpcError::new(
-                        Code::DeadlineExceeded,
-                        "the call's deadline passed",
-                    ))
-                }),
+                .unwrap_or_else(|_| Err(RpcError::new(Code::DeadlineExceeded, "the call's deadline passed"))),
             None => call.await,
         }
     }
     .await;
 
     let frames = match result {
-        Ok(message) => vec![
-            envelope(0, &codec.encode(&message)),
-            end_stream_envelope(None),
-        ],
+        Ok(message) => vec![envelope(0, &codec.encode(&message)), end_stream_envelope(None)],
         Err(err) => vec![end_stream_envelope(Some(&err))],
     };
     stream_response(codec, futures::stream::iter(frames))
@@ -658,12 +621,7 @@ impl EnvelopeReader {
         if self.buffer.len() < 5 {
             return Ok(None);
         }
-        let length = u32::from_be_bytes([
-            self.buffer[1],
-            self.buffer[2],
-            self.buffer[3],
-            self.buffer[4],
-        ]) as usize;
+        let length = u32::from_be_bytes([self.buffer[1], self.buffer[2], self.buffer[3], self.buffer[4]]) as usize;
         if length > MAX_MESSAGE_BYTES {
             return Err(RpcError::new(
                 Code::ResourceExhausted,
@@ -687,14 +645,8 @@ mod tests {
     fn code_statuses_match_protocol() {
         assert_eq!(Code::NotFound.http_status(), StatusCode::NOT_FOUND);
         assert_eq!(Code::Canceled.http_status().as_u16(), 499);
-        assert_eq!(
-            Code::Unauthenticated.http_status(),
-            StatusCode::UNAUTHORIZED
-        );
-        assert_eq!(
-            Code::DeadlineExceeded.http_status(),
-            StatusCode::GATEWAY_TIMEOUT
-        );
+        assert_eq!(Code::Unauthenticated.http_status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(Code::DeadlineExceeded.http_status(), StatusCode::GATEWAY_TIMEOUT);
     }
 
     #[test]
@@ -713,14 +665,8 @@ mod tests {
         data.extend_from_slice(&envelope(0, b"ab"));
         data.extend_from_slice(&envelope(0, b"cde"));
         let mut reader = EnvelopeReader::new(Body::from(data), Compression::Identity);
-        assert_eq!(
-            reader.next_message().await.unwrap().unwrap(),
-            Bytes::from_static(b"ab")
-        );
-        assert_eq!(
-            reader.next_message().await.unwrap().unwrap(),
-            Bytes::from_static(b"cde")
-        );
+        assert_eq!(reader.next_message().await.unwrap().unwrap(), Bytes::from_static(b"ab"));
+        assert_eq!(reader.next_message().await.unwrap().unwrap(), Bytes::from_static(b"cde"));
         assert!(reader.next_message().await.unwrap().is_none());
     }
 }

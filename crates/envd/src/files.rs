@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWriteExt, BufReader};
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use crate::filesystem::chown_new;
 use crate::filesystem::entry::{create_dirs_owned, write_metadata};
+use crate::filesystem::chown_new;
 use crate::state::{resolve_path, AppState};
 use crate::users::User;
 
@@ -57,16 +57,11 @@ impl FilesError {
         let status = match err.kind() {
             std::io::ErrorKind::NotFound => StatusCode::NOT_FOUND,
             std::io::ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
-            std::io::ErrorKind::IsADirectory | std::io::ErrorKind::NotADirectory => {
-                StatusCode::BAD_REQUEST
-            }
+            std::io::ErrorKind::IsADirectory | std::io::ErrorKind::NotADirectory => StatusCode::BAD_REQUEST,
             _ if err.raw_os_error() == Some(libc::ENOSPC) => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Self::new(
-            status,
-            format!("failed to {action} {}: {err}", path.display()),
-        )
+        Self::new(status, format!("failed to {action} {}: {err}", path.display()))
     }
 }
 
@@ -82,22 +77,13 @@ impl IntoResponse for FilesError {
 
 /// Returns the signature that E2B SDKs put in signed file URLs: `v1_` and the unpadded
 /// base64 SHA-256 of `path:operation:user:token`, with `:expiration` appended when set.
-pub fn file_signature(
-    path: &str,
-    operation: &str,
-    user: &str,
-    token: &str,
-    expiration: Option<i64>,
-) -> String {
+pub fn file_signature(path: &str, operation: &str, user: &str, token: &str, expiration: Option<i64>) -> String {
     let raw = match expiration {
         Some(expiration) => format!("{path}:{operation}:{user}:{token}:{expiration}"),
         None => format!("{path}:{operation}:{user}:{token}"),
     };
     let digest = Sha256::digest(raw.as_bytes());
-    format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    )
+    format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest))
 }
 
 /// Checks a signed `/files` URL against the access token.
@@ -121,12 +107,7 @@ pub fn signature_is_valid(query: &FilesQuery, operation: &str, token: &str) -> b
 }
 
 fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    left.len() == right.len()
-        && left
-            .iter()
-            .zip(right)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    left.len() == right.len() && left.iter().zip(right).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 fn resolve_user(state: &AppState, query: &FilesQuery) -> Result<User, FilesError> {
@@ -169,10 +150,7 @@ pub async fn download(
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, metadata.len())
-        .header(
-            header::CONTENT_DISPOSITION,
-            format!("inline; filename=\"{name}\""),
-        )
+        .header(header::CONTENT_DISPOSITION, format!("inline; filename=\"{name}\""))
         .body(body)
         .map_err(|err| FilesError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?;
     Ok(response)
@@ -196,16 +174,10 @@ fn metadata_from_headers(headers: &HeaderMap) -> Result<HashMap<String, String>,
             continue;
         };
         if key.is_empty() {
-            return Err(FilesError::new(
-                StatusCode::BAD_REQUEST,
-                "metadata header has an empty key",
-            ));
+            return Err(FilesError::new(StatusCode::BAD_REQUEST, "metadata header has an empty key"));
         }
         let value = value.to_str().map_err(|_| {
-            FilesError::new(
-                StatusCode::BAD_REQUEST,
-                format!("metadata value of key {key:?} is not visible ASCII"),
-            )
+            FilesError::new(StatusCode::BAD_REQUEST, format!("metadata value of key {key:?} is not visible ASCII"))
         })?;
         metadata.insert(key.to_ascii_lowercase(), value.to_string());
     }
@@ -238,51 +210,37 @@ pub async fn upload(
 
     let mut written = Vec::new();
     if content_type.starts_with("multipart/form-data") {
-        let mut multipart = Multipart::from_request(request, &()).await.map_err(|err| {
-            FilesError::new(
-                StatusCode::BAD_REQUEST,
-                format!("invalid multipart body: {err}"),
-            )
-        })?;
-        while let Some(field) = multipart.next_field().await.map_err(|err| {
-            FilesError::new(
-                StatusCode::BAD_REQUEST,
-                format!("invalid multipart body: {err}"),
-            )
-        })? {
+        let mut multipart = Multipart::from_request(request, &())
+            .await
+            .map_err(|err| FilesError::new(StatusCode::BAD_REQUEST, format!("invalid multipart body: {err}")))?;
+        while let Some(field) = multipart
+            .next_field()
+            .await
+            .map_err(|err| FilesError::new(StatusCode::BAD_REQUEST, format!("invalid multipart body: {err}")))?
+        {
             let target = query
                 .path
                 .clone()
                 .or_else(|| field.file_name().map(str::to_string))
-                .ok_or_else(|| {
-                    FilesError::new(
-                        StatusCode::BAD_REQUEST,
-                        "multipart file has no filename and no path parameter was given",
-                    )
-                })?;
+                .ok_or_else(|| FilesError::new(StatusCode::BAD_REQUEST, "multipart file has no filename and no path parameter was given"))?;
             let path = resolve_path(&target, &user.home);
             let chunks = field.map_err(std::io::Error::other);
             write_file(&path, &user, chunks, false, &metadata).await?;
             written.push(write_info(&path, &metadata));
         }
     } else {
-        let target = query.path.clone().ok_or_else(|| {
-            FilesError::new(StatusCode::BAD_REQUEST, "missing query parameter path")
-        })?;
+        let target = query
+            .path
+            .clone()
+            .ok_or_else(|| FilesError::new(StatusCode::BAD_REQUEST, "missing query parameter path"))?;
         let path = resolve_path(&target, &user.home);
-        let chunks = request
-            .into_body()
-            .into_data_stream()
-            .map_err(std::io::Error::other);
+        let chunks = request.into_body().into_data_stream().map_err(std::io::Error::other);
         write_file(&path, &user, chunks, is_gzip(&headers), &metadata).await?;
         written.push(write_info(&path, &metadata));
     }
 
     if written.is_empty() {
-        return Err(FilesError::new(
-            StatusCode::BAD_REQUEST,
-            "upload contained no file",
-        ));
+        return Err(FilesError::new(StatusCode::BAD_REQUEST, "upload contained no file"));
     }
     tracing::info!(files = written.len(), user = %user.name, "files uploaded");
     Ok(axum::Json(written).into_response())
@@ -310,11 +268,7 @@ async fn write_file<S>(
 where
     S: Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Unpin,
 {
-    if tokio::fs::metadata(path)
-        .await
-        .map(|m| m.is_dir())
-        .unwrap_or(false)
-    {
+    if tokio::fs::metadata(path).await.map(|m| m.is_dir()).unwrap_or(false) {
         return Err(FilesError::new(
             StatusCode::BAD_REQUEST,
             format!("path {} is a directory", path.display()),
@@ -323,12 +277,10 @@ where
     if let Some(parent) = path.parent() {
         let parent = parent.to_path_buf();
         let owner = user.clone();
-        tokio::task::spawn_blocking(move || {
-            create_dirs_owned(&parent, &owner).map_err(|err| (parent, err))
-        })
-        .await
-        .map_err(|err| FilesError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?
-        .map_err(|(parent, err)| FilesError::from_io(&parent, "create directory", err))?;
+        tokio::task::spawn_blocking(move || create_dirs_owned(&parent, &owner).map_err(|err| (parent, err)))
+            .await
+            .map_err(|err| FilesError::new(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()))?
+            .map_err(|(parent, err)| FilesError::from_io(&parent, "create directory", err))?;
     }
 
     let mut file = tokio::fs::File::create(path)
@@ -343,9 +295,7 @@ where
     tokio::io::copy(&mut reader, &mut file)
         .await
         .map_err(|err| FilesError::from_io(path, "write", err))?;
-    file.flush()
-        .await
-        .map_err(|err| FilesError::from_io(path, "write", err))?;
+    file.flush().await.map_err(|err| FilesError::from_io(path, "write", err))?;
     drop(file);
 
     chown_new(path, user).map_err(|err| FilesError::from_io(path, "change owner of", err))?;

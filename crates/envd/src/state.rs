@@ -43,18 +43,12 @@ impl AppState {
 
     /// Returns a copy of the current configuration.
     pub fn config(&self) -> InitConfig {
-        self.config
-            .read()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .clone()
+        self.config.read().unwrap_or_else(|poison| poison.into_inner()).clone()
     }
 
     /// Applies `update` to the configuration.
     pub fn update_config(&self, update: impl FnOnce(&mut InitConfig)) {
-        let mut config = self
-            .config
-            .write()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let mut config = self.config.write().unwrap_or_else(|poison| poison.into_inner());
         update(&mut config);
     }
 
@@ -92,9 +86,7 @@ impl AppState {
 fn username_from_headers(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let encoded = value.strip_prefix("Basic ")?.trim();
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let name = text.split(':').next().unwrap_or_default();
     (!name.is_empty()).then(|| name.to_string())

@@ -62,9 +62,7 @@ fn parse_user(passwd: &str, groups: &str, name: &str) -> Option<User> {
         let Ok(group_id) = group_fields[2].parse::<u32>() else {
             continue;
         };
-        let is_member = group_fields[3]
-            .split(',')
-            .any(|member| member.trim() == name);
+        let is_member = group_fields[3].split(',').any(|member| member.trim() == name);
         if is_member && !supplementary.contains(&group_id) {
             supplementary.push(group_id);
         }
@@ -129,8 +127,7 @@ fn find_name(table: &[(u32, String)], id: u32) -> String {
 mod tests {
     use super::*;
 
-    const PASSWD: &str =
-        "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n";
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n";
     const GROUP: &str = "root:x:0:\nsudo:x:27:user\nuser:x:1000:\ndocker:x:999:other,user\n";
 
     #[test]

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
-use hearth_envd_proto::filesystem::{
-    FileType, ListDirRequest, ListDirResponse, StatRequest, StatResponse,
-};
+use hearth_envd_proto::filesystem::{FileType, ListDirRequest, ListDirResponse, StatRequest, StatResponse};
 use hearth_envd_proto::process::process_event::{data_event::Output, Event};
 use hearth_envd_proto::process::{
     process_input, process_selector, stream_input_request, ConnectRequest, ConnectResponse,
@@ -36,18 +34,10 @@ fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
 
     static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT_PORT.compare_exchange(
-        0,
-        20_000 + (std::process::id() % 10_000) as u16,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
+    let _ = NEXT_PORT.compare_exchange(0, 20_000 + (std::process::id() % 10_000) as u16, Ordering::SeqCst, Ordering::SeqCst);
     loop {
         let port = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
-        assert!(
-            port < 32_768,
-            "ran out of test ports below the ephemeral range"
-        );
+        assert!(port < 32_768, "ran out of test ports below the ephemeral range");
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
@@ -154,12 +144,7 @@ impl FrameDecoder {
     }
 }
 
-async fn open_stream(
-    url: &str,
-    body: Vec<u8>,
-    content_type: &str,
-    headers: &[(&str, &str)],
-) -> reqwest::Response {
+async fn open_stream(url: &str, body: Vec<u8>, content_type: &str, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut request = client()
         .post(url)
         .header("content-type", content_type)
@@ -179,13 +164,7 @@ async fn server_stream_proto<Res: Message + Default>(
     request: &impl Message,
     headers: &[(&str, &str)],
 ) -> (Vec<Res>, serde_json::Value) {
-    let response = open_stream(
-        url,
-        envelope(0, &request.encode_to_vec()),
-        "application/connect+proto",
-        headers,
-    )
-    .await;
+    let response = open_stream(url, envelope(0, &request.encode_to_vec()), "application/connect+proto", headers).await;
     let mut decoder = FrameDecoder::default();
     let mut messages = Vec::new();
     let mut body = response.bytes_stream();
@@ -223,13 +202,7 @@ struct CommandOutput {
 }
 
 fn collect_output(events: Vec<StartResponse>) -> CommandOutput {
-    let mut output = CommandOutput {
-        pid: 0,
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-        exit_code: None,
-        keepalives: 0,
-    };
+    let mut output = CommandOutput { pid: 0, stdout: Vec::new(), stderr: Vec::new(), exit_code: None, keepalives: 0 };
     for response in events {
         match response.event.and_then(|event| event.event) {
             Some(Event::Start(start)) => output.pid = start.pid,
@@ -279,10 +252,7 @@ async fn start_runs_as_user_with_env_and_cwd() {
     )
     .await;
     let output = collect_output(events);
-    assert_eq!(
-        String::from_utf8_lossy(&output.stdout),
-        "nobody\nvalue\n/tmp\n/nonexistent\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "nobody\nvalue\n/tmp\n/nonexistent\n");
 }
 
 #[tokio::test]
@@ -295,11 +265,7 @@ async fn start_sends_keepalives_at_header_interval() {
     )
     .await;
     let output = collect_output(events);
-    assert!(
-        output.keepalives >= 2,
-        "got {} keepalives",
-        output.keepalives
-    );
+    assert!(output.keepalives >= 2, "got {} keepalives", output.keepalives);
     assert_eq!(output.exit_code, Some(0));
 }
 
@@ -314,10 +280,7 @@ async fn start_json_codec_stream() {
         &[],
     )
     .await;
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/connect+json"
-    );
+    assert_eq!(response.headers()["content-type"], "application/connect+json");
     let body = response.bytes().await.unwrap();
     let frames = FrameDecoder::default().push(&body);
     let mut stdout = Vec::new();
@@ -358,10 +321,7 @@ async fn count_output_bytes(response: reqwest::Response) -> (usize, bool) {
     while let Some(chunk) = body.next().await {
         for frame in decoder.push(&chunk.unwrap()) {
             if let Frame::Message(payload) = frame {
-                let event = ConnectResponse::decode(payload)
-                    .unwrap()
-                    .event
-                    .and_then(|event| event.event);
+                let event = ConnectResponse::decode(payload).unwrap().event.and_then(|event| event.event);
                 match event {
                     Some(Event::Data(data)) => {
                         if let Some(Output::Stdout(bytes)) = data.output {
@@ -391,9 +351,7 @@ async fn large_output_with_two_subscribers_has_bounded_memory() {
     )
     .await;
     let connect = ConnectRequest {
-        process: Some(ProcessSelector {
-            selector: Some(process_selector::Selector::Tag("big".into())),
-        }),
+        process: Some(ProcessSelector { selector: Some(process_selector::Selector::Tag("big".into())) }),
     };
     let second = open_stream(
         &envd.url("/process.Process/Connect"),
@@ -410,10 +368,7 @@ async fn large_output_with_two_subscribers_has_bounded_memory() {
     assert_eq!(second_total, OUTPUT_BYTES);
     assert!(second_end);
     let peak_kib = vm_hwm_kib(envd.pid());
-    assert!(
-        peak_kib < 64 * 1024,
-        "envd peak RSS {peak_kib} KiB for {OUTPUT_BYTES} bytes of output"
-    );
+    assert!(peak_kib < 64 * 1024, "envd peak RSS {peak_kib} KiB for {OUTPUT_BYTES} bytes of output");
 }
 
 #[tokio::test]
@@ -434,61 +389,29 @@ async fn stream_input_feeds_stdin() {
     while pid == 0 {
         for frame in decoder.push(&body.next().await.unwrap().unwrap()) {
             if let Frame::Message(payload) = frame {
-                if let Some(Event::Start(start)) = StartResponse::decode(payload)
-                    .unwrap()
-                    .event
-                    .and_then(|e| e.event)
-                {
+                if let Some(Event::Start(start)) = StartResponse::decode(payload).unwrap().event.and_then(|e| e.event) {
                     pid = start.pid;
                 }
             }
         }
     }
 
-    let selector = ProcessSelector {
-        selector: Some(process_selector::Selector::Pid(pid)),
-    };
+    let selector = ProcessSelector { selector: Some(process_selector::Selector::Pid(pid)) };
     let mut input = Vec::new();
-    input.extend(envelope(
-        0,
-        &StreamInputRequest {
-            event: Some(stream_input_request::Event::Start(
-                stream_input_request::StartEvent {
-                    process: Some(selector.clone()),
-                },
-            )),
-        }
-        .encode_to_vec(),
-    ));
+    input.extend(envelope(0, &StreamInputRequest {
+        event: Some(stream_input_request::Event::Start(stream_input_request::StartEvent { process: Some(selector.clone()) })),
+    }.encode_to_vec()));
     for word in ["one ", "two\n"] {
-        input.extend(envelope(
-            0,
-            &StreamInputRequest {
-                event: Some(stream_input_request::Event::Data(
-                    stream_input_request::DataEvent {
-                        input: Some(ProcessInput {
-                            input: Some(process_input::Input::Stdin(
-                                word.as_bytes().to_vec().into(),
-                            )),
-                        }),
-                    },
-                )),
-            }
-            .encode_to_vec(),
-        ));
+        input.extend(envelope(0, &StreamInputRequest {
+            event: Some(stream_input_request::Event::Data(stream_input_request::DataEvent {
+                input: Some(ProcessInput { input: Some(process_input::Input::Stdin(word.as_bytes().to_vec().into())) }),
+            })),
+        }.encode_to_vec()));
     }
     input.extend(envelope(0b10, b"{}"));
-    let response = open_stream(
-        &envd.url("/process.Process/StreamInput"),
-        input,
-        "application/connect+proto",
-        &[],
-    )
-    .await;
+    let response = open_stream(&envd.url("/process.Process/StreamInput"), input, "application/connect+proto", &[]).await;
     let frames = FrameDecoder::default().push(&response.bytes().await.unwrap());
-    assert!(
-        matches!(frames.first(), Some(Frame::Message(payload)) if StreamInputResponse::decode(payload.clone()).is_ok())
-    );
+    assert!(matches!(frames.first(), Some(Frame::Message(payload)) if StreamInputResponse::decode(payload.clone()).is_ok()));
     assert!(matches!(frames.last(), Some(Frame::End(end)) if *end == serde_json::json!({})));
 
     let close = serde_json::json!({ "process": { "pid": pid } });
@@ -506,11 +429,7 @@ async fn stream_input_feeds_stdin() {
     while let Some(chunk) = body.next().await {
         for frame in decoder.push(&chunk.unwrap()) {
             if let Frame::Message(payload) = frame {
-                match StartResponse::decode(payload)
-                    .unwrap()
-                    .event
-                    .and_then(|e| e.event)
-                {
+                match StartResponse::decode(payload).unwrap().event.and_then(|e| e.event) {
                     Some(Event::Data(data)) => {
                         if let Some(Output::Stdout(bytes)) = data.output {
                             stdout.extend_from_slice(&bytes);
@@ -530,9 +449,7 @@ async fn stream_input_feeds_stdin() {
 async fn unary_errors_use_connect_json() {
     let envd = Envd::start();
     let request = SendSignalRequest {
-        process: Some(ProcessSelector {
-            selector: Some(process_selector::Selector::Pid(999_999)),
-        }),
+        process: Some(ProcessSelector { selector: Some(process_selector::Selector::Pid(999_999)) }),
         signal: 9,
     };
     let response = client()
@@ -564,14 +481,9 @@ async fn filesystem_stat_and_list_over_h2c() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
     std::fs::write(dir.path().join("a/b/file"), b"12345").unwrap();
-    let h2 = reqwest::Client::builder()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
 
-    let stat = StatRequest {
-        path: dir.path().join("a/b/file").display().to_string(),
-    };
+    let stat = StatRequest { path: dir.path().join("a/b/file").display().to_string() };
     let response = h2
         .post(envd.url("/filesystem.Filesystem/Stat"))
         .header("content-type", "application/proto")
@@ -581,18 +493,12 @@ async fn filesystem_stat_and_list_over_h2c() {
         .unwrap();
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
     assert_eq!(response.status(), 200);
-    let entry = StatResponse::decode(response.bytes().await.unwrap())
-        .unwrap()
-        .entry
-        .unwrap();
+    let entry = StatResponse::decode(response.bytes().await.unwrap()).unwrap().entry.unwrap();
     assert_eq!(entry.size, 5);
     assert_eq!(entry.r#type(), FileType::File);
     assert_eq!(entry.owner, "root");
 
-    let list = ListDirRequest {
-        path: dir.path().display().to_string(),
-        depth: 2,
-    };
+    let list = ListDirRequest { path: dir.path().display().to_string(), depth: 2 };
     let response = h2
         .post(envd.url("/filesystem.Filesystem/ListDir"))
         .header("content-type", "application/json")
@@ -601,11 +507,7 @@ async fn filesystem_stat_and_list_over_h2c() {
         .await
         .unwrap();
     let listing: ListDirResponse = response.json().await.unwrap();
-    let names: Vec<&str> = listing
-        .entries
-        .iter()
-        .map(|entry| entry.name.as_str())
-        .collect();
+    let names: Vec<&str> = listing.entries.iter().map(|entry| entry.name.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
 }
 
@@ -631,17 +533,9 @@ async fn files_upload_download_and_missing() {
     assert_eq!(written[0]["type"], "file");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&path).unwrap().uid(), 65534);
-    assert_eq!(
-        std::fs::metadata(path.parent().unwrap()).unwrap().uid(),
-        65534
-    );
+    assert_eq!(std::fs::metadata(path.parent().unwrap()).unwrap().uid(), 65534);
 
-    let downloaded = client()
-        .get(envd.url("/files"))
-        .query(&[("path", path_text.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let downloaded = client().get(envd.url("/files")).query(&[("path", path_text.as_str())]).send().await.unwrap();
     assert_eq!(downloaded.status(), 200);
     assert_eq!(downloaded.bytes().await.unwrap().as_ref(), data.as_slice());
 
@@ -660,12 +554,7 @@ async fn files_upload_download_and_missing() {
 async fn access_token_guards_requests() {
     let envd = Envd::start();
     let init = serde_json::json!({ "accessToken": "secret", "envVars": { "FROM_INIT": "1" } });
-    let response = client()
-        .post(envd.url("/init"))
-        .json(&init)
-        .send()
-        .await
-        .unwrap();
+    let response = client().post(envd.url("/init")).json(&init).send().await.unwrap();
     assert_eq!(response.status(), 204);
 
     let health = client().get(envd.url("/health")).send().await.unwrap();
@@ -683,20 +572,10 @@ async fn access_token_guards_requests() {
         .unwrap();
     assert_eq!(envs["FROM_INIT"], "1");
 
-    let again = client()
-        .post(envd.url("/init"))
-        .json(&init)
-        .send()
-        .await
-        .unwrap();
+    let again = client().post(envd.url("/init")).json(&init).send().await.unwrap();
     assert_eq!(again.status(), 204);
     let other = serde_json::json!({ "accessToken": "other" });
-    let hijack = client()
-        .post(envd.url("/init"))
-        .json(&other)
-        .send()
-        .await
-        .unwrap();
+    let hijack = client().post(envd.url("/init")).json(&other).send().await.unwrap();
     assert_eq!(hijack.status(), 401);
 
     let dir = tempfile::tempdir().unwrap();
@@ -705,27 +584,16 @@ async fn access_token_guards_requests() {
     let path_text = path.display().to_string();
     let raw = format!("{path_text}:read::secret");
     let digest = <sha2::Sha256 as sha2::Digest>::digest(raw.as_bytes());
-    let signature = format!(
-        "v1_{}",
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
-    );
+    let signature = format!("v1_{}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest));
     let signed = client()
         .get(envd.url("/files"))
-        .query(&[
-            ("path", path_text.as_str()),
-            ("signature", signature.as_str()),
-        ])
+        .query(&[("path", path_text.as_str()), ("signature", signature.as_str())])
         .send()
         .await
         .unwrap();
     assert_eq!(signed.status(), 200);
     assert_eq!(signed.bytes().await.unwrap().as_ref(), b"signed");
-    let unsigned = client()
-        .get(envd.url("/files"))
-        .query(&[("path", path_text.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let unsigned = client().get(envd.url("/files")).query(&[("path", path_text.as_str())]).send().await.unwrap();
     assert_eq!(unsigned.status(), 401);
 
     let (events, _) = server_stream_proto::<StartResponse>(

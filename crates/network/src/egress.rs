@@ -26,7 +26,5 @@ pub fn set_internet_access(slot: &Slot, allowed: bool) -> Result<(), CommandErro
            }}\n\
          }}\n"
     );
-    command::in_netns(&slot.netns, move || {
-        command::run("nft", &["-f", "-"], Some(&rules)).map(|_| ())
-    })
+    command::in_netns(&slot.netns, move || command::run("nft", &["-f", "-"], Some(&rules)).map(|_| ()))
 }

@@ -78,8 +78,7 @@ impl EnvdClient {
         let started = Instant::now();
         for attempt in 1.. {
             // Each attempt carries the time it is sent, so retries never set a stale clock.
-            let mut body =
-                serde_json::to_value(request).expect("the init request always serializes");
+            let mut body = serde_json::to_value(request).expect("the init request always serializes");
             body["timestamp"] = serde_json::Value::String(
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             );
@@ -95,20 +94,12 @@ impl EnvdClient {
                 Ok(response) => {
                     let status = response.status();
                     let body = response.text().await.unwrap_or_default();
-                    return Err(EnvdError::Init {
-                        address,
-                        reason: format!("HTTP {status}: {body}"),
-                    });
+                    return Err(EnvdError::Init { address, reason: format!("HTTP {status}: {body}") });
                 }
-                Err(err) => {
-                    tracing::trace!(%address, attempt, error = %err, "envd not reachable yet")
-                }
+                Err(err) => tracing::trace!(%address, attempt, error = %err, "envd not reachable yet"),
             }
             if started.elapsed() >= deadline {
-                return Err(EnvdError::NotReady {
-                    address,
-                    waited: started.elapsed(),
-                });
+                return Err(EnvdError::NotReady { address, waited: started.elapsed() });
             }
             tokio::time::sleep(READY_POLL_INTERVAL).await;
         }
@@ -124,16 +115,11 @@ impl EnvdClient {
         loop {
             match self.http.get(&url).send().await {
                 Ok(response) if response.status().is_success() => return Ok(()),
-                Ok(response) => {
-                    tracing::debug!(%address, status = %response.status(), "envd not healthy yet")
-                }
+                Ok(response) => tracing::debug!(%address, status = %response.status(), "envd not healthy yet"),
                 Err(err) => tracing::trace!(%address, error = %err, "envd not reachable yet"),
             }
             if started.elapsed() >= deadline {
-                return Err(EnvdError::NotReady {
-                    address,
-                    waited: started.elapsed(),
-                });
+                return Err(EnvdError::NotReady { address, waited: started.elapsed() });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -13,26 +13,16 @@ pub(crate) struct Routes {
 
 impl Routes {
     pub fn insert(&self, sandbox_id: &str, route: Route) {
-        self.by_sandbox
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(sandbox_id.to_owned(), route);
+        self.by_sandbox.write().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(sandbox_id.to_owned(), route);
     }
 
     pub fn remove(&self, sandbox_id: &str) {
-        self.by_sandbox
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(sandbox_id);
+        self.by_sandbox.write().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(sandbox_id);
     }
 }
 
 impl RouteTable for Routes {
     fn lookup(&self, sandbox_id: &str) -> Option<Route> {
-        self.by_sandbox
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(sandbox_id)
-            .cloned()
+        self.by_sandbox.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(sandbox_id).cloned()
     }
 }

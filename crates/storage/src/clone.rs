@@ -98,12 +98,7 @@ pub fn data_ranges(file: &File, len: u64) -> Result<Vec<(u64, u64)>, std::io::Er
 
 /// Copies bytes `[start, end)` of `source` to the same offsets in `target`, with
 /// `copy_file_range` where the kernel supports it between these files, else with reads and writes.
-pub fn copy_range(
-    source: &File,
-    target: &File,
-    start: u64,
-    end: u64,
-) -> Result<(), std::io::Error> {
+pub fn copy_range(source: &File, target: &File, start: u64, end: u64) -> Result<(), std::io::Error> {
     let mut offset = start;
     while offset < end {
         let chunk = ((end - offset) as usize).min(COPY_CHUNK);
@@ -112,14 +107,7 @@ pub fn copy_range(
         // SAFETY: both descriptors stay open for the call, and the offset pointers point to
         // locals that outlive it.
         let n = unsafe {
-            libc::copy_file_range(
-                source.as_raw_fd(),
-                &mut off_in,
-                target.as_raw_fd(),
-                &mut off_out,
-                chunk,
-                0,
-            )
+            libc::copy_file_range(source.as_raw_fd(), &mut off_in, target.as_raw_fd(), &mut off_out, chunk, 0)
         };
         if n > 0 {
             offset += n as u64;
@@ -143,12 +131,7 @@ pub fn copy_range(
     Ok(())
 }
 
-fn copy_range_buffered(
-    source: &File,
-    target: &File,
-    start: u64,
-    end: u64,
-) -> Result<(), std::io::Error> {
+fn copy_range_buffered(source: &File, target: &File, start: u64, end: u64) -> Result<(), std::io::Error> {
     let mut buffer = vec![0u8; COPY_CHUNK.min((end - start) as usize)];
     let mut offset = start;
     while offset < end {
@@ -173,8 +156,7 @@ mod tests {
         let file = File::create(&path).unwrap();
         file.set_len(64 * MIB).unwrap();
         file.write_all_at(&vec![0xab; MIB as usize], 0).unwrap();
-        file.write_all_at(&vec![0xcd; MIB as usize], 40 * MIB)
-            .unwrap();
+        file.write_all_at(&vec![0xcd; MIB as usize], 40 * MIB).unwrap();
         file.sync_all().unwrap();
         path
     }
@@ -204,14 +186,8 @@ mod tests {
         let allocated = std::fs::metadata(&dst).unwrap().blocks() * 512;
         // A reflink copies nothing; a data-range copy moves the 2 MiB of data, possibly
         // rounded to the filesystem's allocation unit.
-        assert!(
-            copied == 0 || (2 * MIB..=4 * MIB).contains(&copied),
-            "copied {copied} bytes"
-        );
-        assert!(
-            allocated <= 8 * MIB,
-            "clone allocates {allocated} bytes of a 64 MiB file with 2 MiB of data"
-        );
+        assert!(copied == 0 || (2 * MIB..=4 * MIB).contains(&copied), "copied {copied} bytes");
+        assert!(allocated <= 8 * MIB, "clone allocates {allocated} bytes of a 64 MiB file with 2 MiB of data");
     }
 
     #[test]
@@ -247,12 +223,7 @@ mod tests {
         let ranges = data_ranges(&file, 64 * MIB).unwrap();
 
         let total: u64 = ranges.iter().map(|(start, end)| end - start).sum();
-        assert!(
-            ranges
-                .iter()
-                .any(|&(start, end)| start <= 40 * MIB && end >= 41 * MIB),
-            "{ranges:?}"
-        );
+        assert!(ranges.iter().any(|&(start, end)| start <= 40 * MIB && end >= 41 * MIB), "{ranges:?}");
         assert!(total < 64 * MIB, "no hole reported: {ranges:?}");
     }
 }

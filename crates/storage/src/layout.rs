@@ -34,15 +34,9 @@ impl DataDir {
     }
 
     /// Directory of one ready template build.
-    pub fn template_build(
-        &self,
-        template_id: &TemplateId,
-        build_id: &BuildId,
-    ) -> TemplateBuildPaths {
+    pub fn template_build(&self, template_id: &TemplateId, build_id: &BuildId) -> TemplateBuildPaths {
         TemplateBuildPaths::new(
-            self.templates_dir()
-                .join(template_id.as_str())
-                .join(build_id.as_str()),
+            self.templates_dir().join(template_id.as_str()).join(build_id.as_str()),
         )
     }
 

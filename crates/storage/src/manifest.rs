@@ -23,9 +23,7 @@ pub enum ManifestError {
         #[source]
         source: serde_json::Error,
     },
-    #[error(
-        "template manifest {path} has format version {found}, expected {MANIFEST_FORMAT_VERSION}"
-    )]
+    #[error("template manifest {path} has format version {found}, expected {MANIFEST_FORMAT_VERSION}")]
     Version { path: PathBuf, found: u32 },
     #[error("failed to write template manifest {path}")]
     Write {
@@ -34,11 +32,7 @@ pub enum ManifestError {
         source: std::io::Error,
     },
     #[error("template artifact {path} has {found} bytes, the manifest records {expected}")]
-    SizeMismatch {
-        path: PathBuf,
-        expected: u64,
-        found: u64,
-    },
+    SizeMismatch { path: PathBuf, expected: u64, found: u64 },
 }
 
 /// One artifact of a template build.
@@ -115,11 +109,10 @@ impl TemplateManifest {
             path: path.to_owned(),
             source,
         })?;
-        let manifest: Self =
-            serde_json::from_slice(&text).map_err(|source| ManifestError::Parse {
-                path: path.to_owned(),
-                source,
-            })?;
+        let manifest: Self = serde_json::from_slice(&text).map_err(|source| ManifestError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
         if manifest.format_version != MANIFEST_FORMAT_VERSION {
             return Err(ManifestError::Version {
                 path: path.to_owned(),
@@ -132,10 +125,7 @@ impl TemplateManifest {
     /// Writes the manifest to `path` through a temporary file and a rename, so readers
     /// never see a partial document.
     pub fn store(&self, path: &Path) -> Result<(), ManifestError> {
-        let write_err = |source| ManifestError::Write {
-            path: path.to_owned(),
-            source,
-        };
+        let write_err = |source| ManifestError::Write { path: path.to_owned(), source };
         let text = serde_json::to_vec_pretty(self).map_err(|err| write_err(err.into()))?;
         crate::durable::write_atomic(path, &text).map_err(write_err)
     }
@@ -145,17 +135,10 @@ impl TemplateManifest {
         for file in &self.files {
             let path = dir.join(&file.name);
             let found = std::fs::metadata(&path)
-                .map_err(|source| ManifestError::Read {
-                    path: path.clone(),
-                    source,
-                })?
+                .map_err(|source| ManifestError::Read { path: path.clone(), source })?
                 .len();
             if found != file.size_bytes {
-                return Err(ManifestError::SizeMismatch {
-                    path,
-                    expected: file.size_bytes,
-                    found,
-                });
+                return Err(ManifestError::SizeMismatch { path, expected: file.size_bytes, found });
             }
         }
         Ok(())
@@ -177,11 +160,7 @@ mod tests {
             kernel_cmdline: "console=ttyS0".into(),
             envd_version: "0.6.4".into(),
             disk_size_bytes: 8 << 30,
-            files: vec![ManifestFile {
-                name: "vmstate".into(),
-                size_bytes: 3,
-                sha256: None,
-            }],
+            files: vec![ManifestFile { name: "vmstate".into(), size_bytes: 3, sha256: None }],
             created_at_unix_secs: 0,
             vmm: "qemu".into(),
             snapshot: None,
@@ -205,13 +184,6 @@ mod tests {
 
         let err = sample().verify_sizes(dir.path()).unwrap_err();
 
-        assert!(matches!(
-            err,
-            ManifestError::SizeMismatch {
-                expected: 3,
-                found: 2,
-                ..
-            }
-        ));
+        assert!(matches!(err, ManifestError::SizeMismatch { expected: 3, found: 2, .. }));
     }
 }

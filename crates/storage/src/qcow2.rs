@@ -81,23 +81,14 @@ pub fn create_overlay_over(
     virtual_size: u64,
 ) -> Result<(), Qcow2Error> {
     let header = build_header(backing, format, virtual_size)?;
-    let write_err = |source| Qcow2Error::Write {
-        path: path.to_owned(),
-        source,
-    };
+    let write_err = |source| Qcow2Error::Write { path: path.to_owned(), source };
 
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(write_err)?;
+    let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(write_err)?;
     file.write_all_at(&header, 0).map_err(write_err)?;
     file.write_all_at(&REFCOUNT_BLOCK_OFFSET.to_be_bytes(), REFCOUNT_TABLE_OFFSET)
         .map_err(write_err)?;
-    file.write_all_at(&refcount_block_prefix(), REFCOUNT_BLOCK_OFFSET)
-        .map_err(write_err)?;
-    file.set_len(CLUSTER_COUNT * CLUSTER_SIZE)
-        .map_err(write_err)?;
+    file.write_all_at(&refcount_block_prefix(), REFCOUNT_BLOCK_OFFSET).map_err(write_err)?;
+    file.set_len(CLUSTER_COUNT * CLUSTER_SIZE).map_err(write_err)?;
     Ok(())
 }
 
@@ -108,11 +99,7 @@ fn l1_entries(virtual_size: u64) -> u64 {
 }
 
 /// The header cluster's content: header, backing format extension, end marker, backing name.
-fn build_header(
-    backing: &Path,
-    format: BackingFormat,
-    virtual_size: u64,
-) -> Result<Vec<u8>, Qcow2Error> {
+fn build_header(backing: &Path, format: BackingFormat, virtual_size: u64) -> Result<Vec<u8>, Qcow2Error> {
     let backing_name = backing
         .to_str()
         .filter(|name| name.len() < 1023)
@@ -163,9 +150,7 @@ fn push_extension(out: &mut Vec<u8>, kind: u32, data: &[u8]) {
 
 /// Refcount entries of the four metadata clusters, each referenced once.
 fn refcount_block_prefix() -> Vec<u8> {
-    (0..CLUSTER_COUNT)
-        .flat_map(|_| 1u16.to_be_bytes())
-        .collect()
+    (0..CLUSTER_COUNT).flat_map(|_| 1u16.to_be_bytes()).collect()
 }
 
 #[cfg(test)]
@@ -188,16 +173,10 @@ mod tests {
         let data = std::fs::read(&path).unwrap();
         assert_eq!(data.len() as u64, 4 * CLUSTER_SIZE);
         assert_eq!(&data[0..4], b"QFI\xfb");
-        assert_eq!(
-            u64::from_be_bytes(data[24..32].try_into().unwrap()),
-            8 << 30
-        );
+        assert_eq!(u64::from_be_bytes(data[24..32].try_into().unwrap()), 8 << 30);
         let name_offset = u64::from_be_bytes(data[8..16].try_into().unwrap()) as usize;
         let name_len = u32::from_be_bytes(data[16..20].try_into().unwrap()) as usize;
-        assert_eq!(
-            &data[name_offset..name_offset + name_len],
-            b"/templates/base/rootfs.ext4"
-        );
+        assert_eq!(&data[name_offset..name_offset + name_len], b"/templates/base/rootfs.ext4");
     }
 
     #[test]

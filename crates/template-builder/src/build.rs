@@ -4,24 +4,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hearth_network::Slot;
-use hearth_storage::{
-    DataDir, ManifestError, ManifestFile, TemplateBuildPaths, TemplateManifest,
-    MANIFEST_FORMAT_VERSION,
-};
+use hearth_storage::{DataDir, ManifestError, ManifestFile, TemplateBuildPaths, TemplateManifest, MANIFEST_FORMAT_VERSION};
 use hearth_types::guest::ENVD_PORT;
 use hearth_types::{BuildId, TemplateId, ENVD_VERSION};
-use hearth_vmm::{
-    BootSpec, DiskFormat, DiskSpec, MachineSize, SnapshotTarget, Vm, VmPlacement, VmmDriver,
-    VmmError,
-};
+use hearth_vmm::{BootSpec, DiskFormat, DiskSpec, MachineSize, SnapshotTarget, Vm, VmPlacement, VmmDriver, VmmError};
 use sha2::{Digest, Sha256};
 
 use crate::initramfs::{write_initramfs, InitramfsError, InitramfsSpec, BUSYBOX_STATIC};
 use crate::kernel::{extract_vmlinux, fetch_kernel, KernelError};
-use crate::rootfs::{
-    cached_debootstrap, make_ext4, prepare_tree, DebootstrapSpec, RootfsCustomization, RootfsError,
-    BASE_PACKAGES,
-};
+use crate::rootfs::{cached_debootstrap, make_ext4, prepare_tree, DebootstrapSpec, RootfsCustomization, RootfsError, BASE_PACKAGES};
 
 /// Kernel command line of template VMs. `reboot=t` resets by triple fault, which works
 /// on a microvm (no keyboard controller, no ACPI reset) and ends QEMU under `-no-reboot`.
@@ -96,10 +87,7 @@ impl BaseTemplateOptions {
             build_id: BuildId::generate(),
             envd_binary: envd_binary.into(),
             envd_version: ENVD_VERSION.to_owned(),
-            machine: MachineSize {
-                vcpus: 2,
-                memory_mib: 512,
-            },
+            machine: MachineSize { vcpus: 2, memory_mib: 512 },
             disk_size_bytes: 8 << 30,
             debian_mirror: "http://deb.debian.org/debian".to_owned(),
             debian_suite: "bookworm".to_owned(),
@@ -135,11 +123,7 @@ pub enum BuildError {
     #[error("build VM failed")]
     Vmm(#[from] VmmError),
     #[error("envd in the build VM did not answer {url} within {timeout_secs} s; console ends with: {console_tail}")]
-    HealthTimeout {
-        url: String,
-        timeout_secs: u64,
-        console_tail: String,
-    },
+    HealthTimeout { url: String, timeout_secs: u64, console_tail: String },
     #[error("build VM exited before envd answered {url}; console ends with: {console_tail}")]
     VmExited { url: String, console_tail: String },
     #[error("writing the manifest failed")]
@@ -170,19 +154,13 @@ pub async fn build_base_template(
     slot: &Slot,
     progress: &(dyn Fn(BuildProgress) + Send + Sync),
 ) -> Result<BuiltTemplate, BuildError> {
-    let final_paths = options
-        .data_dir
-        .template_build(&options.template_id, &options.build_id);
+    let final_paths = options.data_dir.template_build(&options.template_id, &options.build_id);
     if final_paths.dir().exists() {
         return Err(BuildError::Exists(final_paths.dir().to_owned()));
     }
-    let staging = options
-        .data_dir
-        .template_build_staging(&options.template_id, &options.build_id);
+    let staging = options.data_dir.template_build_staging(&options.template_id, &options.build_id);
     let _ = tokio::fs::remove_dir_all(&staging).await;
-    tokio::fs::create_dir_all(&staging)
-        .await
-        .map_err(io_err(&staging))?;
+    tokio::fs::create_dir_all(&staging).await.map_err(io_err(&staging))?;
 
     let result = build_in(options, driver, slot, progress, &staging).await;
     let (manifest, boot_to_health, total) = match result {
@@ -193,17 +171,11 @@ pub async fn build_base_template(
             return Err(err);
         }
     };
-    tokio::fs::rename(&staging, final_paths.dir())
-        .await
-        .map_err(io_err(final_paths.dir()))?;
+    tokio::fs::rename(&staging, final_paths.dir()).await.map_err(io_err(final_paths.dir()))?;
 
     progress(BuildProgress {
         step: BuildStep::Done,
-        message: format!(
-            "template ready in {} after {:.1} s",
-            final_paths.dir().display(),
-            total.as_secs_f64()
-        ),
+        message: format!("template ready in {} after {:.1} s", final_paths.dir().display(), total.as_secs_f64()),
     });
     tracing::info!(
         template_id = %options.template_id,
@@ -211,12 +183,7 @@ pub async fn build_base_template(
         elapsed_ms = total.as_millis() as u64,
         "template built"
     );
-    Ok(BuiltTemplate {
-        paths: final_paths,
-        manifest,
-        boot_to_health,
-        total,
-    })
+    Ok(BuiltTemplate { paths: final_paths, manifest, boot_to_health, total })
 }
 
 async fn build_in(
@@ -234,28 +201,14 @@ async fn build_in(
         progress(BuildProgress { step, message });
     };
 
-    report(
-        BuildStep::Kernel,
-        "fetching Debian's linux-image-amd64".into(),
-    );
+    report(BuildStep::Kernel, "fetching Debian's linux-image-amd64".into());
     let kernel = fetch_kernel(&cache.join("kernel")).await?;
-    let vmlinuz = tokio::fs::read(&kernel.vmlinuz)
-        .await
-        .map_err(io_err(&kernel.vmlinuz))?;
+    let vmlinuz = tokio::fs::read(&kernel.vmlinuz).await.map_err(io_err(&kernel.vmlinuz))?;
     let vmlinux = tokio::task::spawn_blocking(move || extract_vmlinux(&vmlinuz))
         .await
         .expect("vmlinux extraction does not panic")?;
-    tokio::fs::write(paths.kernel(), &vmlinux)
-        .await
-        .map_err(io_err(&paths.kernel()))?;
-    report(
-        BuildStep::Kernel,
-        format!(
-            "kernel {} extracted ({} MiB)",
-            kernel.release,
-            vmlinux.len() >> 20
-        ),
-    );
+    tokio::fs::write(paths.kernel(), &vmlinux).await.map_err(io_err(&paths.kernel()))?;
+    report(BuildStep::Kernel, format!("kernel {} extracted ({} MiB)", kernel.release, vmlinux.len() >> 20));
 
     let initramfs_spec = InitramfsSpec {
         kernel_release: &kernel.release,
@@ -265,48 +218,25 @@ async fn build_in(
     };
     let modules = write_initramfs(&initramfs_spec, &paths.initrd())?;
     let names: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
-    report(
-        BuildStep::Initramfs,
-        format!("initramfs with modules {}", names.join(", ")),
-    );
+    report(BuildStep::Initramfs, format!("initramfs with modules {}", names.join(", ")));
 
     let debootstrap = DebootstrapSpec {
         suite: &options.debian_suite,
         mirror: &options.debian_mirror,
         packages: BASE_PACKAGES,
     };
-    report(
-        BuildStep::RootFilesystem,
-        format!("Debian {} root filesystem", options.debian_suite),
-    );
+    report(BuildStep::RootFilesystem, format!("Debian {} root filesystem", options.debian_suite));
     let (tarball, cached) = cached_debootstrap(&cache, &debootstrap).await?;
     report(
         BuildStep::RootFilesystem,
-        format!(
-            "{} {}",
-            if cached {
-                "reused cached"
-            } else {
-                "debootstrapped"
-            },
-            tarball.display()
-        ),
+        format!("{} {}", if cached { "reused cached" } else { "debootstrapped" }, tarball.display()),
     );
     let tree = staging.join("tree");
-    let custom = RootfsCustomization {
-        envd_binary: &options.envd_binary,
-        hostname: &options.hostname,
-    };
+    let custom = RootfsCustomization { envd_binary: &options.envd_binary, hostname: &options.hostname };
     let prepared = prepare_tree(&tarball, &tree, &custom).await;
     let image = match prepared {
         Ok(()) => {
-            report(
-                BuildStep::DiskImage,
-                format!(
-                    "mkfs.ext4 -d into a {} GiB sparse image",
-                    options.disk_size_bytes >> 30
-                ),
-            );
+            report(BuildStep::DiskImage, format!("mkfs.ext4 -d into a {} GiB sparse image", options.disk_size_bytes >> 30));
             make_ext4(&tree, &paths.rootfs(), options.disk_size_bytes).await
         }
         Err(err) => Err(err),
@@ -330,24 +260,15 @@ async fn boot_and_snapshot(
     paths: &TemplateBuildPaths,
     report: &(dyn Fn(BuildStep, String) + Send + Sync),
 ) -> Result<Duration, BuildError> {
-    report(
-        BuildStep::Boot,
-        format!("booting with {} in {}", driver.kind(), slot.netns),
-    );
+    report(BuildStep::Boot, format!("booting with {} in {}", driver.kind(), slot.netns));
     let spec = BootSpec {
         machine: options.machine,
         memory_file: paths.memory(),
         kernel: paths.kernel(),
         initrd: Some(paths.initrd()),
         cmdline: options.kernel_cmdline.clone(),
-        disk: DiskSpec {
-            path: paths.rootfs(),
-            format: DiskFormat::Raw,
-        },
-        placement: VmPlacement {
-            netns: Some(slot.netns.clone()),
-            run_dir: paths.dir().to_owned(),
-        },
+        disk: DiskSpec { path: paths.rootfs(), format: DiskFormat::Raw },
+        placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: paths.dir().to_owned() },
     };
     let url = format!("http://{}:{ENVD_PORT}/health", slot.guest_route_ip);
     let attempt_timeout = options.boot_timeout / BOOT_ATTEMPTS;
@@ -360,19 +281,8 @@ async fn boot_and_snapshot(
             Err(BuildError::HealthTimeout { .. }) if attempt < BOOT_ATTEMPTS => {
                 // Under TCG on a loaded host the guest kernel can fail its PIT calibration
                 // and stop before userspace; a fresh boot usually gets through.
-                tracing::warn!(
-                    attempt,
-                    timeout_secs = attempt_timeout.as_secs(),
-                    "build VM did not respond; booting it again"
-                );
-                report(
-                    BuildStep::Boot,
-                    format!(
-                        "no response after {} s; boot attempt {}",
-                        attempt_timeout.as_secs(),
-                        attempt + 1
-                    ),
-                );
+                tracing::warn!(attempt, timeout_secs = attempt_timeout.as_secs(), "build VM did not respond; booting it again");
+                report(BuildStep::Boot, format!("no response after {} s; boot attempt {}", attempt_timeout.as_secs(), attempt + 1));
                 vm.stop().await?;
                 attempt += 1;
             }
@@ -382,40 +292,23 @@ async fn boot_and_snapshot(
     let result = match waited {
         Ok(()) => {
             let boot_to_health = launched.elapsed();
-            report(
-                BuildStep::Boot,
-                format!("envd answered after {:.2} s", boot_to_health.as_secs_f64()),
-            );
+            report(BuildStep::Boot, format!("envd answered after {:.2} s", boot_to_health.as_secs_f64()));
             report(BuildStep::Snapshot, "saving device state".into());
-            let target = SnapshotTarget {
-                vmstate: paths.vmstate(),
-                memory: paths.memory(),
-                diff: false,
-            };
-            vm.snapshot(&target)
-                .await
-                .map(|_| boot_to_health)
-                .map_err(BuildError::from)
+            let target = SnapshotTarget { vmstate: paths.vmstate(), memory: paths.memory(), diff: false };
+            vm.snapshot(&target).await.map(|_| boot_to_health).map_err(BuildError::from)
         }
         Err(err) => Err(err),
     };
     vm.stop().await?;
 
-    for (from, to) in [
-        ("console.log", paths.build_console_log()),
-        ("vmm.log", paths.dir().join("build-vmm.log")),
-    ] {
+    for (from, to) in [("console.log", paths.build_console_log()), ("vmm.log", paths.dir().join("build-vmm.log"))] {
         let from = paths.dir().join(from);
         let _ = tokio::fs::rename(&from, &to).await;
     }
     result
 }
 
-async fn wait_for_health(
-    vm: &mut Box<dyn Vm>,
-    url: &str,
-    timeout: Duration,
-) -> Result<(), BuildError> {
+async fn wait_for_health(vm: &mut Box<dyn Vm>, url: &str, timeout: Duration) -> Result<(), BuildError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
         .no_proxy()
@@ -429,10 +322,7 @@ async fn wait_for_health(
             }
         }
         if !vm.is_running() {
-            return Err(BuildError::VmExited {
-                url: url.to_owned(),
-                console_tail: console_tail(vm),
-            });
+            return Err(BuildError::VmExited { url: url.to_owned(), console_tail: console_tail(vm) });
         }
         if Instant::now() >= deadline {
             return Err(BuildError::HealthTimeout {
@@ -448,9 +338,7 @@ async fn wait_for_health(
 fn console_tail(vm: &Box<dyn Vm>) -> String {
     let text = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
     let start = text.len().saturating_sub(1500);
-    let start = (start..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
+    let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
     text[start..].trim().to_owned()
 }
 
@@ -469,26 +357,15 @@ async fn write_manifest(
         (paths.memory(), false),
         (paths.vmstate(), true),
     ] {
-        let size_bytes = tokio::fs::metadata(&path)
-            .await
-            .map_err(io_err(&path))?
-            .len();
+        let size_bytes = tokio::fs::metadata(&path).await.map_err(io_err(&path))?.len();
         let sha256 = if hash {
             let data = tokio::fs::read(&path).await.map_err(io_err(&path))?;
             Some(hex::encode(Sha256::digest(&data)))
         } else {
             None
         };
-        let name = path
-            .file_name()
-            .expect("artifact paths have names")
-            .to_string_lossy()
-            .into_owned();
-        files.push(ManifestFile {
-            name,
-            size_bytes,
-            sha256,
-        });
+        let name = path.file_name().expect("artifact paths have names").to_string_lossy().into_owned();
+        files.push(ManifestFile { name, size_bytes, sha256 });
     }
 
     let manifest = TemplateManifest {
@@ -502,10 +379,7 @@ async fn write_manifest(
         envd_version: options.envd_version.clone(),
         disk_size_bytes: options.disk_size_bytes,
         files,
-        created_at_unix_secs: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_at_unix_secs: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         vmm: vmm.as_str().into(),
         snapshot: None,
     };

@@ -14,12 +14,7 @@ pub enum CommandError {
         source: std::io::Error,
     },
     #[error("{program} {args} exited with {status}: {stderr}")]
-    Failed {
-        program: String,
-        args: String,
-        status: std::process::ExitStatus,
-        stderr: String,
-    },
+    Failed { program: String, args: String, status: std::process::ExitStatus, stderr: String },
 }
 
 /// Runs `program` with `args` (in `cwd` if given) and returns its standard output.
@@ -33,20 +28,10 @@ pub async fn run(program: &str, args: &[&str], cwd: Option<&Path>) -> Result<Str
     let output = command
         .output()
         .await
-        .map_err(|source| CommandError::Spawn {
-            program: program.to_owned(),
-            source,
-        })?;
+        .map_err(|source| CommandError::Spawn { program: program.to_owned(), source })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: String = stderr
-            .chars()
-            .rev()
-            .take(2000)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail: String = stderr.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
         return Err(CommandError::Failed {
             program: program.to_owned(),
             args: args.join(" "),

@@ -21,11 +21,7 @@ pub struct CpioWriter<W: Write> {
 impl<W: Write> CpioWriter<W> {
     /// Starts an archive on `out`.
     pub fn new(out: W) -> Self {
-        Self {
-            out,
-            written: 0,
-            next_inode: 1,
-        }
+        Self { out, written: 0, next_inode: 1 }
     }
 
     /// Adds a directory.
@@ -44,13 +40,7 @@ impl<W: Write> CpioWriter<W> {
     }
 
     /// Adds a character device node.
-    pub fn char_device(
-        &mut self,
-        path: &str,
-        permissions: u32,
-        major: u32,
-        minor: u32,
-    ) -> io::Result<()> {
+    pub fn char_device(&mut self, path: &str, permissions: u32, major: u32, minor: u32) -> io::Result<()> {
         self.entry(path, S_IFCHR | permissions, 1, (major, minor), &[])
     }
 
@@ -61,14 +51,7 @@ impl<W: Write> CpioWriter<W> {
         Ok(self.out)
     }
 
-    fn entry(
-        &mut self,
-        name: &str,
-        mode: u32,
-        links: u32,
-        rdev: (u32, u32),
-        data: &[u8],
-    ) -> io::Result<()> {
+    fn entry(&mut self, name: &str, mode: u32, links: u32, rdev: (u32, u32), data: &[u8]) -> io::Result<()> {
         let inode = self.next_inode;
         self.next_inode += 1;
         let fields = [
@@ -78,8 +61,7 @@ impl<W: Write> CpioWriter<W> {
             0, // gid
             links,
             0, // mtime: fixed, so that equal inputs give equal archives
-            u32::try_from(data.len())
-                .map_err(|_| io::Error::other(format!("{name} is larger than 4 GiB")))?,
+            u32::try_from(data.len()).map_err(|_| io::Error::other(format!("{name} is larger than 4 GiB")))?,
             0, // devmajor
             0, // devminor
             rdev.0,
@@ -122,13 +104,7 @@ mod tests {
         let mut offset = 0usize;
         loop {
             assert_eq!(&archive[..6], b"070701", "bad magic at offset {offset}");
-            let field = |i: usize| {
-                u32::from_str_radix(
-                    std::str::from_utf8(&archive[6 + i * 8..14 + i * 8]).unwrap(),
-                    16,
-                )
-                .unwrap()
-            };
+            let field = |i: usize| u32::from_str_radix(std::str::from_utf8(&archive[6 + i * 8..14 + i * 8]).unwrap(), 16).unwrap();
             let (mode, size, name_size) = (field(1), field(6) as usize, field(11) as usize);
             let name = String::from_utf8(archive[110..110 + name_size - 1].to_vec()).unwrap();
             let data_start = (110 + name_size).next_multiple_of(4);
@@ -156,14 +132,8 @@ mod tests {
 
         assert_eq!(entries.len(), 4);
         assert_eq!(entries[0], ("bin".into(), S_IFDIR | 0o755, vec![]));
-        assert_eq!(
-            entries[1],
-            ("init".into(), S_IFREG | 0o755, b"#!/bin/sh\n".to_vec())
-        );
-        assert_eq!(
-            entries[2],
-            ("bin/sh".into(), S_IFLNK | 0o777, b"busybox".to_vec())
-        );
+        assert_eq!(entries[1], ("init".into(), S_IFREG | 0o755, b"#!/bin/sh\n".to_vec()));
+        assert_eq!(entries[2], ("bin/sh".into(), S_IFLNK | 0o777, b"busybox".to_vec()));
         assert_eq!(entries[3].1, S_IFCHR | 0o600);
     }
 
@@ -183,14 +153,7 @@ mod tests {
             .output()
             .expect("cpio is installed");
 
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&output.stdout),
-            "etc\netc/hostname\n"
-        );
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "etc\netc/hostname\n");
     }
 }

@@ -16,13 +16,8 @@ use crate::modules::{render_modules_dep, resolve_modules, ModuleError, ResolvedM
 /// Modules the guest needs before it can mount its root disk and reach the network.
 /// `crc32c_generic` is listed because ext4 requests the crc32c algorithm by name
 /// (a soft dependency, which `depends=` does not record).
-pub const REQUIRED_MODULES: &[&str] = &[
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_net",
-    "crc32c_generic",
-    "ext4",
-];
+pub const REQUIRED_MODULES: &[&str] =
+    &["virtio_mmio", "virtio_blk", "virtio_net", "crc32c_generic", "ext4"];
 
 /// Program `/init` hands PID 1 to, inside the root filesystem.
 pub const GUEST_INIT: &str = "/usr/bin/envd";
@@ -63,19 +58,11 @@ pub struct InitramfsSpec<'a> {
 }
 
 /// Writes the initramfs to `out` and returns the modules it loads, in load order.
-pub fn write_initramfs(
-    spec: &InitramfsSpec<'_>,
-    out: &Path,
-) -> Result<Vec<ResolvedModule>, InitramfsError> {
+pub fn write_initramfs(spec: &InitramfsSpec<'_>, out: &Path) -> Result<Vec<ResolvedModule>, InitramfsError> {
     let modules = resolve_modules(spec.modules_dir, REQUIRED_MODULES)?;
-    let busybox = std::fs::read(spec.busybox).map_err(|source| InitramfsError::Read {
-        path: spec.busybox.to_owned(),
-        source,
-    })?;
-    let write_err = |source| InitramfsError::Write {
-        path: out.to_owned(),
-        source,
-    };
+    let busybox = std::fs::read(spec.busybox)
+        .map_err(|source| InitramfsError::Read { path: spec.busybox.to_owned(), source })?;
+    let write_err = |source| InitramfsError::Write { path: out.to_owned(), source };
 
     let file = std::fs::File::create(out).map_err(write_err)?;
     let mut cpio = CpioWriter::new(BufWriter::new(file));
@@ -83,17 +70,11 @@ pub fn write_initramfs(
         cpio.directory(dir, 0o755).map_err(write_err)?;
     }
     // The kernel opens /dev/console for init's standard streams before /init can mount devtmpfs.
-    cpio.char_device("dev/console", 0o600, 5, 1)
-        .map_err(write_err)?;
-    cpio.file("bin/busybox", 0o755, &busybox)
-        .map_err(write_err)?;
+    cpio.char_device("dev/console", 0o600, 5, 1).map_err(write_err)?;
+    cpio.file("bin/busybox", 0o755, &busybox).map_err(write_err)?;
 
     let modules_root = format!("lib/modules/{}", spec.kernel_release);
-    let mut created = vec![
-        "lib".to_owned(),
-        "lib/modules".to_owned(),
-        modules_root.clone(),
-    ];
+    let mut created = vec!["lib".to_owned(), "lib/modules".to_owned(), modules_root.clone()];
     cpio.directory(&modules_root, 0o755).map_err(write_err)?;
     for module in &modules {
         let archive_path = format!("{modules_root}/{}", module.relative_path.to_string_lossy());
@@ -104,22 +85,14 @@ pub fn write_initramfs(
             }
         }
         let source = spec.modules_dir.join(&module.relative_path);
-        let data = std::fs::read(&source).map_err(|err| InitramfsError::Read {
-            path: source,
-            source: err,
-        })?;
+        let data = std::fs::read(&source).map_err(|err| InitramfsError::Read { path: source, source: err })?;
         cpio.file(&archive_path, 0o644, &data).map_err(write_err)?;
     }
-    cpio.file(
-        &format!("{modules_root}/modules.dep"),
-        0o644,
-        render_modules_dep(&modules).as_bytes(),
-    )
-    .map_err(write_err)?;
+    cpio.file(&format!("{modules_root}/modules.dep"), 0o644, render_modules_dep(&modules).as_bytes())
+        .map_err(write_err)?;
 
     let init = init_script(spec.kernel_release, &modules, spec.hostname);
-    cpio.file("init", 0o755, init.as_bytes())
-        .map_err(write_err)?;
+    cpio.file("init", 0o755, init.as_bytes()).map_err(write_err)?;
     let mut writer = cpio.finish().map_err(write_err)?;
     std::io::Write::flush(&mut writer).map_err(write_err)?;
     Ok(modules)
@@ -136,21 +109,11 @@ fn parents(path: &str) -> Vec<String> {
 pub fn init_script(kernel_release: &str, modules: &[ResolvedModule], hostname: &str) -> String {
     let mut insmods = String::new();
     for module in modules {
-        let path = format!(
-            "/lib/modules/{kernel_release}/{}",
-            module.relative_path.to_string_lossy()
-        );
+        let path = format!("/lib/modules/{kernel_release}/{}", module.relative_path.to_string_lossy());
         // virtio_mmio takes the device list QEMU appends to the command line as
         // `virtio_mmio.device=...`; a built-in driver would read it from there itself.
-        let args = if module.name == "virtio_mmio" {
-            " $mmio_args"
-        } else {
-            ""
-        };
-        insmods.push_str(&format!(
-            "insmod {path}{args} || fail \"insmod {}\"\n",
-            module.name
-        ));
+        let args = if module.name == "virtio_mmio" { " $mmio_args" } else { "" };
+        insmods.push_str(&format!("insmod {path}{args} || fail \"insmod {}\"\n", module.name));
     }
 
     format!(
@@ -208,10 +171,7 @@ mod tests {
 
     #[test]
     fn parents_lists_outer_directories_first() {
-        assert_eq!(
-            parents("lib/modules/k/a.ko"),
-            vec!["lib", "lib/modules", "lib/modules/k"]
-        );
+        assert_eq!(parents("lib/modules/k/a.ko"), vec!["lib", "lib/modules", "lib/modules/k"]);
     }
 
     #[test]

@@ -55,9 +55,7 @@ pub async fn fetch_kernel(cache_dir: &Path) -> Result<UnpackedKernel, KernelErro
         let path = path.to_owned();
         move |source| KernelError::Io { path, source }
     };
-    tokio::fs::create_dir_all(cache_dir)
-        .await
-        .map_err(io_err(cache_dir))?;
+    tokio::fs::create_dir_all(cache_dir).await.map_err(io_err(cache_dir))?;
 
     let package = kernel_package_name().await?;
     let unpacked = cache_dir.join(&package);
@@ -66,19 +64,15 @@ pub async fn fetch_kernel(cache_dir: &Path) -> Result<UnpackedKernel, KernelErro
             Some(deb) => deb,
             None => {
                 run("apt-get", &["download", &package], Some(cache_dir)).await?;
-                find_deb(cache_dir, &package).ok_or_else(|| KernelError::NoDeb {
-                    package: package.clone(),
-                    dir: cache_dir.to_owned(),
-                })?
+                find_deb(cache_dir, &package)
+                    .ok_or_else(|| KernelError::NoDeb { package: package.clone(), dir: cache_dir.to_owned() })?
             }
         };
         let _ = tokio::fs::remove_dir_all(&unpacked).await;
         let deb_arg = deb.to_string_lossy().into_owned();
         let unpacked_arg = unpacked.to_string_lossy().into_owned();
         run("dpkg-deb", &["-x", &deb_arg, &unpacked_arg], None).await?;
-        tokio::fs::write(unpacked.join(".complete"), b"")
-            .await
-            .map_err(io_err(&unpacked))?;
+        tokio::fs::write(unpacked.join(".complete"), b"").await.map_err(io_err(&unpacked))?;
     }
 
     let boot = unpacked.join("boot");
@@ -86,10 +80,7 @@ pub async fn fetch_kernel(cache_dir: &Path) -> Result<UnpackedKernel, KernelErro
         .map_err(io_err(&boot))?
         .filter_map(Result::ok)
         .map(|entry| entry.path())
-        .find(|path| {
-            path.file_name()
-                .is_some_and(|name| name.to_string_lossy().starts_with("vmlinuz-"))
-        })
+        .find(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with("vmlinuz-")))
         .ok_or_else(|| KernelError::NoVmlinuz(boot.clone()))?;
     let release = vmlinuz
         .file_name()
@@ -98,11 +89,7 @@ pub async fn fetch_kernel(cache_dir: &Path) -> Result<UnpackedKernel, KernelErro
         .trim_start_matches("vmlinuz-")
         .to_owned();
     let modules_dir = unpacked.join("lib/modules").join(&release);
-    Ok(UnpackedKernel {
-        release,
-        vmlinuz,
-        modules_dir,
-    })
+    Ok(UnpackedKernel { release, vmlinuz, modules_dir })
 }
 
 /// Asks apt which versioned image package the metapackage depends on.
@@ -119,17 +106,10 @@ async fn kernel_package_name() -> Result<String, KernelError> {
 
 fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
     let prefix = format!("{package}_");
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .find(|path| {
-            let name = path
-                .file_name()
-                .map(|name| name.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            name.starts_with(&prefix) && name.ends_with(".deb")
-        })
+    std::fs::read_dir(dir).ok()?.filter_map(Result::ok).map(|entry| entry.path()).find(|path| {
+        let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        name.starts_with(&prefix) && name.ends_with(".deb")
+    })
 }
 
 /// Decompresses a bzImage whose payload is xz-compressed: the payload is the first xz
@@ -141,9 +121,7 @@ pub fn extract_vmlinux(vmlinuz: &[u8]) -> Result<Vec<u8>, KernelError> {
         .ok_or(KernelError::NoXzStream)?;
     let mut decoder = liblzma::read::XzDecoder::new(&vmlinuz[start..]);
     let mut vmlinux = Vec::with_capacity(vmlinuz.len() * 8);
-    decoder
-        .read_to_end(&mut vmlinux)
-        .map_err(KernelError::Decompress)?;
+    decoder.read_to_end(&mut vmlinux).map_err(KernelError::Decompress)?;
     if !vmlinux.starts_with(b"\x7fELF") {
         return Err(KernelError::NotElf);
     }
@@ -180,9 +158,6 @@ mod tests {
     fn extract_vmlinux_rejects_non_elf_payload() {
         let image = [vec![0u8; 16], xz(b"not a kernel")].concat();
 
-        assert!(matches!(
-            extract_vmlinux(&image).unwrap_err(),
-            KernelError::NotElf
-        ));
+        assert!(matches!(extract_vmlinux(&image).unwrap_err(), KernelError::NotElf));
     }
 }

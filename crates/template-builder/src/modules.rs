@@ -39,10 +39,7 @@ fn normalize(name: &str) -> String {
 }
 
 /// Resolves `required` and everything they depend on, in load order (dependencies first).
-pub fn resolve_modules(
-    modules_dir: &Path,
-    required: &[&str],
-) -> Result<Vec<ResolvedModule>, ModuleError> {
+pub fn resolve_modules(modules_dir: &Path, required: &[&str]) -> Result<Vec<ResolvedModule>, ModuleError> {
     let index = index_modules(modules_dir)?;
     let mut order = Vec::new();
     let mut seen = HashSet::new();
@@ -67,29 +64,17 @@ fn visit(
         dir: modules_dir.to_owned(),
     })?;
     let path = modules_dir.join(relative_path);
-    let data = std::fs::read(&path).map_err(|source| ModuleError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let data = std::fs::read(&path).map_err(|source| ModuleError::Read { path: path.clone(), source })?;
     let depends: Vec<String> = modinfo(&data)
         .ok_or_else(|| ModuleError::InvalidElf(path.clone()))?
         .into_iter()
         .filter_map(|entry| entry.strip_prefix("depends=").map(str::to_owned))
-        .flat_map(|list| {
-            list.split(',')
-                .filter(|dep| !dep.is_empty())
-                .map(normalize)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|list| list.split(',').filter(|dep| !dep.is_empty()).map(normalize).collect::<Vec<_>>())
         .collect();
     for dep in &depends {
         visit(modules_dir, index, dep, seen, order)?;
     }
-    order.push(ResolvedModule {
-        name: name.to_owned(),
-        relative_path: relative_path.clone(),
-        depends,
-    });
+    order.push(ResolvedModule { name: name.to_owned(), relative_path: relative_path.clone(), depends });
     Ok(())
 }
 
@@ -98,23 +83,13 @@ fn index_modules(modules_dir: &Path) -> Result<BTreeMap<String, PathBuf>, Module
     let mut index = BTreeMap::new();
     let mut stack = vec![modules_dir.join("kernel")];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|source| ModuleError::Read {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = std::fs::read_dir(&dir).map_err(|source| ModuleError::Read { path: dir.clone(), source })?;
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
             if path.is_dir() {
                 stack.push(path);
-            } else if let Some(stem) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".ko"))
-            {
-                let relative = path
-                    .strip_prefix(modules_dir)
-                    .expect("walked from modules_dir")
-                    .to_owned();
+            } else if let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
+                let relative = path.strip_prefix(modules_dir).expect("walked from modules_dir").to_owned();
                 index.insert(normalize(stem), relative);
             }
         }
@@ -124,8 +99,7 @@ fn index_modules(modules_dir: &Path) -> Result<BTreeMap<String, PathBuf>, Module
 
 /// Renders `modules.dep` lines for `modules` (all paths relative to the modules directory).
 pub fn render_modules_dep(modules: &[ResolvedModule]) -> String {
-    let by_name: BTreeMap<&str, &ResolvedModule> =
-        modules.iter().map(|m| (m.name.as_str(), m)).collect();
+    let by_name: BTreeMap<&str, &ResolvedModule> = modules.iter().map(|m| (m.name.as_str(), m)).collect();
     let mut out = String::new();
     for module in modules {
         out.push_str(&module.relative_path.to_string_lossy());
@@ -144,18 +118,9 @@ pub fn render_modules_dep(modules: &[ResolvedModule]) -> String {
 /// Returns the NUL-separated `key=value` strings of the `.modinfo` section of an ELF64
 /// little-endian file, or `None` if the file is not one or has no such section.
 pub fn modinfo(elf: &[u8]) -> Option<Vec<String>> {
-    let u16_at = |at: usize| {
-        elf.get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    };
-    let u32_at = |at: usize| {
-        elf.get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
-    };
-    let u64_at = |at: usize| {
-        elf.get(at..at + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
-    };
+    let u16_at = |at: usize| elf.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |at: usize| elf.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize);
+    let u64_at = |at: usize| elf.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
 
     // ELF64, little endian.
     if elf.get(0..6)? != b"\x7fELF\x02\x01" {
@@ -194,22 +159,11 @@ mod tests {
     #[test]
     fn render_modules_dep_lists_known_dependencies() {
         let modules = vec![
-            ResolvedModule {
-                name: "a".into(),
-                relative_path: "kernel/a.ko".into(),
-                depends: vec![],
-            },
-            ResolvedModule {
-                name: "b".into(),
-                relative_path: "kernel/x/b.ko".into(),
-                depends: vec!["a".into()],
-            },
+            ResolvedModule { name: "a".into(), relative_path: "kernel/a.ko".into(), depends: vec![] },
+            ResolvedModule { name: "b".into(), relative_path: "kernel/x/b.ko".into(), depends: vec!["a".into()] },
         ];
 
-        assert_eq!(
-            render_modules_dep(&modules),
-            "kernel/a.ko:\nkernel/x/b.ko: kernel/a.ko\n"
-        );
+        assert_eq!(render_modules_dep(&modules), "kernel/a.ko:\nkernel/x/b.ko: kernel/a.ko\n");
     }
 
     #[test]

@@ -9,15 +9,8 @@ use sha2::{Digest, Sha256};
 use crate::command::{run, CommandError};
 
 /// Packages installed on top of minbase: what the E2B base image offers to user code.
-pub const BASE_PACKAGES: &[&str] = &[
-    "bash",
-    "coreutils",
-    "python3",
-    "procps",
-    "iproute2",
-    "ca-certificates",
-    "sudo",
-];
+pub const BASE_PACKAGES: &[&str] =
+    &["bash", "coreutils", "python3", "procps", "iproute2", "ca-certificates", "sudo"];
 
 /// Name and UID of the unprivileged user sandboxes run commands as.
 pub const SANDBOX_USER: &str = "user";
@@ -61,14 +54,9 @@ pub struct DebootstrapSpec<'a> {
 
 /// Returns the cached debootstrap tarball for `spec`, creating it first if missing.
 /// The second value is whether the cache was hit.
-pub async fn cached_debootstrap(
-    cache_dir: &Path,
-    spec: &DebootstrapSpec<'_>,
-) -> Result<(PathBuf, bool), RootfsError> {
+pub async fn cached_debootstrap(cache_dir: &Path, spec: &DebootstrapSpec<'_>) -> Result<(PathBuf, bool), RootfsError> {
     let dir = cache_dir.join("rootfs");
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(io_err(&dir))?;
+    tokio::fs::create_dir_all(&dir).await.map_err(io_err(&dir))?;
 
     let key = format!("{}|{}|{}", spec.suite, spec.mirror, spec.packages.join(","));
     let digest = hex::encode(&Sha256::digest(key.as_bytes())[..8]);
@@ -83,33 +71,13 @@ pub async fn cached_debootstrap(
     let result = async {
         run(
             "debootstrap",
-            &[
-                "--variant=minbase",
-                &include,
-                spec.suite,
-                &arg(&tree),
-                spec.mirror,
-            ],
+            &["--variant=minbase", &include, spec.suite, &arg(&tree), spec.mirror],
             None,
         )
         .await?;
         let partial = tarball.with_extension("tar.tmp");
-        run(
-            "tar",
-            &[
-                "--numeric-owner",
-                "-C",
-                &arg(&tree),
-                "-cf",
-                &arg(&partial),
-                ".",
-            ],
-            None,
-        )
-        .await?;
-        tokio::fs::rename(&partial, &tarball)
-            .await
-            .map_err(io_err(&tarball))
+        run("tar", &["--numeric-owner", "-C", &arg(&tree), "-cf", &arg(&partial), "."], None).await?;
+        tokio::fs::rename(&partial, &tarball).await.map_err(io_err(&tarball))
     }
     .await;
     let _ = tokio::fs::remove_dir_all(&tree).await;
@@ -126,36 +94,14 @@ pub struct RootfsCustomization<'a> {
 }
 
 /// Unpacks `tarball` into `tree` and adds the user, sudo rule, network files and envd.
-pub async fn prepare_tree(
-    tarball: &Path,
-    tree: &Path,
-    custom: &RootfsCustomization<'_>,
-) -> Result<(), RootfsError> {
-    tokio::fs::create_dir_all(tree)
-        .await
-        .map_err(io_err(tree))?;
-    run(
-        "tar",
-        &["--numeric-owner", "-C", &arg(tree), "-xpf", &arg(tarball)],
-        None,
-    )
-    .await?;
+pub async fn prepare_tree(tarball: &Path, tree: &Path, custom: &RootfsCustomization<'_>) -> Result<(), RootfsError> {
+    tokio::fs::create_dir_all(tree).await.map_err(io_err(tree))?;
+    run("tar", &["--numeric-owner", "-C", &arg(tree), "-xpf", &arg(tarball)], None).await?;
 
     let uid = SANDBOX_UID.to_string();
     run(
         "chroot",
-        &[
-            &arg(tree),
-            "useradd",
-            "--create-home",
-            "--uid",
-            &uid,
-            "--shell",
-            "/bin/bash",
-            "--groups",
-            "sudo",
-            SANDBOX_USER,
-        ],
+        &[&arg(tree), "useradd", "--create-home", "--uid", &uid, "--shell", "/bin/bash", "--groups", "sudo", SANDBOX_USER],
         None,
     )
     .await?;
@@ -163,9 +109,7 @@ pub async fn prepare_tree(
     let write = |relative: &str, content: String, mode: u32| {
         let path = tree.join(relative);
         async move {
-            tokio::fs::write(&path, content)
-                .await
-                .map_err(io_err(&path))?;
+            tokio::fs::write(&path, content).await.map_err(io_err(&path))?;
             set_mode(&path, mode)
         }
     };
@@ -178,26 +122,16 @@ pub async fn prepare_tree(
     write("etc/hostname", format!("{}\n", custom.hostname), 0o644).await?;
     write(
         "etc/hosts",
-        format!(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
-            custom.hostname
-        ),
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", custom.hostname),
         0o644,
     )
     .await?;
     let resolv = tree.join("etc/resolv.conf");
     let _ = tokio::fs::remove_file(&resolv).await;
-    write(
-        "etc/resolv.conf",
-        format!("nameserver {GUEST_NAMESERVER}\n"),
-        0o644,
-    )
-    .await?;
+    write("etc/resolv.conf", format!("nameserver {GUEST_NAMESERVER}\n"), 0o644).await?;
 
     let envd = tree.join("usr/bin/envd");
-    tokio::fs::copy(custom.envd_binary, &envd)
-        .await
-        .map_err(io_err(custom.envd_binary))?;
+    tokio::fs::copy(custom.envd_binary, &envd).await.map_err(io_err(custom.envd_binary))?;
     set_mode(&envd, 0o755)?;
 
     for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
@@ -218,9 +152,7 @@ async fn clear_files(dir: &Path) -> Result<(), RootfsError> {
     };
     while let Some(entry) = entries.next_entry().await.map_err(io_err(dir))? {
         if entry.file_type().await.map_err(io_err(dir))?.is_file() {
-            tokio::fs::remove_file(entry.path())
-                .await
-                .map_err(io_err(&entry.path()))?;
+            tokio::fs::remove_file(entry.path()).await.map_err(io_err(&entry.path()))?;
         }
     }
     Ok(())
@@ -235,19 +167,7 @@ pub async fn make_ext4(tree: &Path, image: &Path, size_bytes: u64) -> Result<(),
     // inode tables, and the guest kernel then has no lazy initialization left to write.
     run(
         "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-L",
-            "hearth-root",
-            "-m",
-            "0",
-            "-E",
-            "assume_storage_prezeroed=1",
-            "-d",
-            &arg(tree),
-            &arg(image),
-        ],
+        &["-q", "-F", "-L", "hearth-root", "-m", "0", "-E", "assume_storage_prezeroed=1", "-d", &arg(tree), &arg(image)],
         None,
     )
     .await?;

@@ -38,15 +38,8 @@ http.server.ThreadingHTTPServer(("0.0.0.0", 49983), Health).serve_forever()
 "#;
 
 fn ip(args: &[&str]) {
-    let status = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("ip is installed");
-    assert!(
-        status.success(),
-        "ip {} failed with {status}",
-        args.join(" ")
-    );
+    let status = Command::new("ip").args(args).status().expect("ip is installed");
+    assert!(status.success(), "ip {} failed with {status}", args.join(" "));
 }
 
 fn run_in(netns: &str, program: &str, args: &[&str]) {
@@ -55,11 +48,7 @@ fn run_in(netns: &str, program: &str, args: &[&str]) {
         .args(args)
         .status()
         .expect("ip is installed");
-    assert!(
-        status.success(),
-        "{program} {} in {netns} failed with {status}",
-        args.join(" ")
-    );
+    assert!(status.success(), "{program} {} in {netns} failed with {status}", args.join(" "));
 }
 
 /// A network namespace shaped like a Hearth slot: `tap0` with the gateway address, a veth
@@ -77,78 +66,33 @@ impl TestSlot {
         let veth = netns.clone();
         let host_ip = Ipv4Addr::new(10, 254, (id >> 6) as u8, (((id & 63) << 2) | 1) as u8);
         let ns_ip = Ipv4Addr::new(10, 254, (id >> 6) as u8, (((id & 63) << 2) | 2) as u8);
-        let slot = Slot {
-            index: u32::from(id),
-            netns: netns.clone(),
-            host_ip,
-            guest_route_ip: ns_ip,
-        };
-        let test_slot = Self {
-            slot,
-            veth: veth.clone(),
-        };
+        let slot = Slot { index: u32::from(id), netns: netns.clone(), host_ip, guest_route_ip: ns_ip };
+        let test_slot = Self { slot, veth: veth.clone() };
 
         ip(&["netns", "add", &netns]);
-        ip(&[
-            "link", "add", &veth, "type", "veth", "peer", "name", "veth0", "netns", &netns,
-        ]);
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "veth0", "netns", &netns]);
         ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &veth]);
         ip(&["link", "set", &veth, "up"]);
         ip(&["-n", &netns, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ns_ip}/30"),
-            "dev",
-            "veth0",
-        ]);
+        ip(&["-n", &netns, "addr", "add", &format!("{ns_ip}/30"), "dev", "veth0"]);
         ip(&["-n", &netns, "link", "set", "veth0", "up"]);
         ip(&["-n", &netns, "tuntap", "add", TAP_NAME, "mode", "tap"]);
         ip(&["-n", &netns, "link", "set", TAP_NAME, "address", TAP_MAC]);
-        ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{GATEWAY_IP}/30"),
-            "dev",
-            TAP_NAME,
-        ]);
+        ip(&["-n", &netns, "addr", "add", &format!("{GATEWAY_IP}/30"), "dev", TAP_NAME]);
         ip(&["-n", &netns, "link", "set", TAP_NAME, "up"]);
         run_in(&netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         run_in(&netns, "nft", &["add", "table", "ip", "hearthtest"]);
         run_in(
             &netns,
             "nft",
-            &[
-                "add",
-                "chain",
-                "ip",
-                "hearthtest",
-                "prerouting",
-                "{ type nat hook prerouting priority dstnat; }",
-            ],
+            &["add", "chain", "ip", "hearthtest", "prerouting", "{ type nat hook prerouting priority dstnat; }"],
         );
         run_in(
             &netns,
             "nft",
             &[
-                "add",
-                "rule",
-                "ip",
-                "hearthtest",
-                "prerouting",
-                "ip",
-                "daddr",
-                &ns_ip.to_string(),
-                "tcp",
-                "dport",
-                &ENVD_PORT.to_string(),
-                "dnat",
-                "to",
-                &GUEST_IP.to_string(),
+                "add", "rule", "ip", "hearthtest", "prerouting", "ip", "daddr", &ns_ip.to_string(), "tcp", "dport",
+                &ENVD_PORT.to_string(), "dnat", "to", &GUEST_IP.to_string(),
             ],
         );
         test_slot
@@ -157,13 +101,8 @@ impl TestSlot {
 
 impl Drop for TestSlot {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.slot.netns])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.veth])
-            .stderr(std::process::Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.slot.netns]).status();
+        let _ = Command::new("ip").args(["link", "del", &self.veth]).stderr(std::process::Stdio::null()).status();
     }
 }
 
@@ -173,11 +112,7 @@ fn health_url(slot: &Slot) -> String {
 
 /// Polls envd's `/health` through the slot until it returns a 2xx status, and returns the time waited.
 async fn wait_for_health(slot: &Slot, timeout: Duration) -> Duration {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(500))
-        .no_proxy()
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().timeout(Duration::from_millis(500)).no_proxy().build().unwrap();
     let started = Instant::now();
     let url = health_url(slot);
     loop {
@@ -186,10 +121,7 @@ async fn wait_for_health(slot: &Slot, timeout: Duration) -> Duration {
                 return started.elapsed();
             }
         }
-        assert!(
-            started.elapsed() < timeout,
-            "{url} did not answer within {timeout:?}"
-        );
+        assert!(started.elapsed() < timeout, "{url} did not answer within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -233,10 +165,9 @@ async fn template_dir() -> PathBuf {
                 events.lock().unwrap().push(event);
             };
 
-            let built =
-                build_base_template(&options, &QemuDriver::from_env(), &slot.slot, &progress)
-                    .await
-                    .expect("base template builds");
+            let built = build_base_template(&options, &QemuDriver::from_env(), &slot.slot, &progress)
+                .await
+                .expect("base template builds");
 
             eprintln!(
                 "MEASURED: template build {:.1} s, build VM launch to envd health {:.2} s",
@@ -244,11 +175,7 @@ async fn template_dir() -> PathBuf {
                 built.boot_to_health.as_secs_f64()
             );
             assert!(built.paths.is_ready());
-            assert!(events
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|e| e.step == hearth_template_builder::BuildStep::Snapshot));
+            assert!(events.lock().unwrap().iter().any(|e| e.step == hearth_template_builder::BuildStep::Snapshot));
             built.paths.dir().to_owned()
         })
         .await
@@ -256,16 +183,9 @@ async fn template_dir() -> PathBuf {
 }
 
 fn sha256sum(path: &Path) -> String {
-    let output = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum is installed");
+    let output = Command::new("sha256sum").arg(path).output().expect("sha256sum is installed");
     assert!(output.status.success());
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    String::from_utf8_lossy(&output.stdout).split_whitespace().next().unwrap().to_owned()
 }
 
 /// Fingerprint of the template files: hashes of the memory and device state files, and
@@ -276,14 +196,7 @@ fn template_fingerprint(paths: &TemplateBuildPaths) -> Vec<String> {
     vec![
         sha256sum(&paths.memory()),
         sha256sum(&paths.vmstate()),
-        format!(
-            "{} {}.{} {}.{}",
-            rootfs.len(),
-            rootfs.mtime(),
-            rootfs.mtime_nsec(),
-            rootfs.ctime(),
-            rootfs.ctime_nsec()
-        ),
+        format!("{} {}.{} {}.{}", rootfs.len(), rootfs.mtime(), rootfs.mtime_nsec(), rootfs.ctime(), rootfs.ctime_nsec()),
     ]
 }
 
@@ -302,56 +215,28 @@ async fn vm_cold_boot_of_base_template_answers_health() {
     let slot = TestSlot::create();
     let run_dir = tempfile::tempdir().unwrap();
     let disk = run_dir.path().join("disk.qcow2");
-    hearth_storage::create_overlay(
-        &disk,
-        &template.paths.rootfs(),
-        template.manifest.disk_size_bytes,
-    )
-    .unwrap();
+    hearth_storage::create_overlay(&disk, &template.paths.rootfs(), template.manifest.disk_size_bytes).unwrap();
     let spec = BootSpec {
-        machine: hearth_vmm::MachineSize {
-            vcpus: template.manifest.vcpus,
-            memory_mib: template.manifest.memory_mib,
-        },
+        machine: hearth_vmm::MachineSize { vcpus: template.manifest.vcpus, memory_mib: template.manifest.memory_mib },
         memory_file: run_dir.path().join("memory"),
         kernel: template.paths.kernel(),
         initrd: Some(template.paths.initrd()),
         // Kernel messages on the console make a failed boot diagnosable.
         cmdline: template.manifest.kernel_cmdline.replace(" quiet", ""),
-        disk: DiskSpec {
-            path: disk,
-            format: DiskFormat::Qcow2,
-        },
-        placement: VmPlacement {
-            netns: Some(slot.slot.netns.clone()),
-            run_dir: run_dir.path().to_owned(),
-        },
+        disk: DiskSpec { path: disk, format: DiskFormat::Qcow2 },
+        placement: VmPlacement { netns: Some(slot.slot.netns.clone()), run_dir: run_dir.path().to_owned() },
     };
 
     let mut vm = QemuDriver::from_env().boot_vm(&spec).await.unwrap();
     let console = run_dir.path().join("console.log");
-    let waited = tokio::time::timeout(
-        Duration::from_secs(90),
-        wait_for_health(&slot.slot, Duration::from_secs(90)),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "cold boot timed out; console: {}",
-            std::fs::read_to_string(&console).unwrap_or_default()
-        )
-    });
-    eprintln!(
-        "MEASURED: cold boot launch to envd health {:.2} s",
-        waited.as_secs_f64()
-    );
+    let waited = tokio::time::timeout(Duration::from_secs(90), wait_for_health(&slot.slot, Duration::from_secs(90)))
+        .await
+        .unwrap_or_else(|_| panic!("cold boot timed out; console: {}", std::fs::read_to_string(&console).unwrap_or_default()));
+    eprintln!("MEASURED: cold boot launch to envd health {:.2} s", waited.as_secs_f64());
     let pid = vm.pid();
     vm.stop().await.unwrap();
 
-    assert!(
-        !process_exists(pid),
-        "QEMU pid {pid} still exists after stop"
-    );
+    assert!(!process_exists(pid), "QEMU pid {pid} still exists after stop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,9 +251,7 @@ async fn vm_restore_twice_keeps_template_unchanged() {
     let mut vms = Vec::new();
     for (slot, run_dir) in slots.iter().zip(&run_dirs) {
         let started = Instant::now();
-        let vm = restore_sandbox(&driver, &template, run_dir.path(), &slot.slot)
-            .await
-            .unwrap();
+        let vm = restore_sandbox(&driver, &template, run_dir.path(), &slot.slot).await.unwrap();
         let restored = started.elapsed();
         let health = wait_for_health(&slot.slot, Duration::from_secs(30)).await;
         eprintln!(
@@ -395,22 +278,12 @@ async fn vm_stop_leaves_no_process() {
     let template = SnapshotTemplate::load(&template_dir().await).unwrap();
     let slot = TestSlot::create();
     let run_dir = tempfile::tempdir().unwrap();
-    let mut vm = restore_sandbox(
-        &QemuDriver::from_env(),
-        &template,
-        run_dir.path(),
-        &slot.slot,
-    )
-    .await
-    .unwrap();
+    let mut vm = restore_sandbox(&QemuDriver::from_env(), &template, run_dir.path(), &slot.slot).await.unwrap();
     let pid = vm.pid();
     assert!(process_exists(pid));
 
     vm.stop().await.unwrap();
 
-    assert!(
-        !process_exists(pid),
-        "QEMU pid {pid} still exists after stop"
-    );
+    assert!(!process_exists(pid), "QEMU pid {pid} still exists after stop");
     vm.stop().await.unwrap();
 }

@@ -56,10 +56,7 @@ macro_rules! id_type {
                 if is_valid_id(value) {
                     Ok(Self(value.to_owned()))
                 } else {
-                    Err(InvalidId {
-                        kind: $kind,
-                        value: value.to_owned(),
-                    })
+                    Err(InvalidId { kind: $kind, value: value.to_owned() })
                 }
             }
 

@@ -56,19 +56,10 @@ pub struct AccelChoice {
 /// Chooses the accelerator: `HEARTH_QEMU_ACCEL` if set to `kvm` or `tcg`, else the probe.
 pub fn choose_accel() -> AccelChoice {
     match std::env::var(ACCEL_ENV).ok().as_deref() {
-        Some("kvm") => AccelChoice {
-            accel: Accel::Kvm,
-            reason: format!("{ACCEL_ENV}=kvm"),
-        },
-        Some("tcg") => AccelChoice {
-            accel: Accel::Tcg,
-            reason: format!("{ACCEL_ENV}=tcg"),
-        },
+        Some("kvm") => AccelChoice { accel: Accel::Kvm, reason: format!("{ACCEL_ENV}=kvm") },
+        Some("tcg") => AccelChoice { accel: Accel::Tcg, reason: format!("{ACCEL_ENV}=tcg") },
         Some(other) if other != "auto" && !other.is_empty() => {
-            tracing::warn!(
-                value = other,
-                "ignoring invalid {ACCEL_ENV}: expected kvm, tcg or auto"
-            );
+            tracing::warn!(value = other, "ignoring invalid {ACCEL_ENV}: expected kvm, tcg or auto");
             probe_accel()
         }
         _ => probe_accel(),
@@ -77,36 +68,21 @@ pub fn choose_accel() -> AccelChoice {
 
 /// Probes `/dev/kvm` as described in the module documentation.
 pub fn probe_accel() -> AccelChoice {
-    let tcg = |reason: String| AccelChoice {
-        accel: Accel::Tcg,
-        reason,
-    };
+    let tcg = |reason: String| AccelChoice { accel: Accel::Tcg, reason };
 
-    let kvm = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    let kvm = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(file) => file,
         Err(err) => return tcg(format!("/dev/kvm cannot be opened ({err})")),
     };
     // SAFETY: KVM_GET_API_VERSION takes no argument and only reads the open descriptor.
     let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     if version != KVM_API_VERSION {
-        return tcg(format!(
-            "/dev/kvm reports API version {version}, expected {KVM_API_VERSION}"
-        ));
+        return tcg(format!("/dev/kvm reports API version {version}, expected {KVM_API_VERSION}"));
     }
     if Path::new("/sys/module/kvm_pvm").exists() {
-        return tcg(
-            "/dev/kvm is the paravirtual KVM (kvm_pvm), which cannot run a standard guest kernel"
-                .into(),
-        );
+        return tcg("/dev/kvm is the paravirtual KVM (kvm_pvm), which cannot run a standard guest kernel".into());
     }
-    AccelChoice {
-        accel: Accel::Kvm,
-        reason: "/dev/kvm is usable".into(),
-    }
+    AccelChoice { accel: Accel::Kvm, reason: "/dev/kvm is usable".into() }
 }
 
 #[cfg(test)]

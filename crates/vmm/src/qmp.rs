@@ -22,11 +22,7 @@ pub enum QmpError {
         source: serde_json::Error,
     },
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Command {
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Command { command: String, class: String, desc: String },
     #[error("unexpected QMP message {0}")]
     Unexpected(Value),
 }
@@ -42,11 +38,7 @@ impl QmpClient {
     /// Reads the greeting on a connected stream and enters command mode.
     pub async fn handshake(stream: UnixStream) -> Result<Self, QmpError> {
         let (read, writer) = stream.into_split();
-        let mut client = Self {
-            reader: BufReader::new(read),
-            writer,
-            line: String::new(),
-        };
+        let mut client = Self { reader: BufReader::new(read), writer, line: String::new() };
 
         let greeting = client.read_message().await?;
         if greeting.get("QMP").is_none() {
@@ -57,11 +49,7 @@ impl QmpClient {
     }
 
     /// Runs `command` with optional `arguments` and returns its `return` value.
-    pub async fn execute(
-        &mut self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let request = match arguments {
             Some(arguments) => json!({ "execute": command, "arguments": arguments }),
             None => json!({ "execute": command }),
@@ -84,13 +72,7 @@ impl QmpClient {
                 return Ok(value.clone());
             }
             if let Some(error) = message.get("error") {
-                let field = |name| {
-                    error
-                        .get(name)
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_owned()
-                };
+                let field = |name| error.get(name).and_then(Value::as_str).unwrap_or("").to_owned();
                 return Err(QmpError::Command {
                     command: command.to_owned(),
                     class: field("class"),
@@ -158,15 +140,8 @@ impl QmpClient {
     /// the error description QEMU gives for a failure.
     pub async fn migration_status(&mut self) -> Result<(String, Option<String>), QmpError> {
         let info = self.execute("query-migrate", None).await?;
-        let status = info
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("none")
-            .to_owned();
-        let error = info
-            .get("error-desc")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let status = info.get("status").and_then(Value::as_str).unwrap_or("none").to_owned();
+        let error = info.get("error-desc").and_then(Value::as_str).map(str::to_owned);
         Ok((status, error))
     }
 
@@ -175,10 +150,8 @@ impl QmpClient {
         if self.reader.read_line(&mut self.line).await? == 0 {
             return Err(QmpError::Closed);
         }
-        serde_json::from_str(&self.line).map_err(|source| QmpError::Parse {
-            line: self.line.trim_end().to_owned(),
-            source,
-        })
+        serde_json::from_str(&self.line)
+            .map_err(|source| QmpError::Parse { line: self.line.trim_end().to_owned(), source })
     }
 }
 
@@ -193,10 +166,7 @@ mod tests {
         tokio::spawn(async move {
             let (read, mut write) = server.into_split();
             let mut lines = BufReader::new(read).lines();
-            write
-                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .await
-                .unwrap();
+            write.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
             for reply in replies {
                 if lines.next_line().await.unwrap().is_none() {
                     return;

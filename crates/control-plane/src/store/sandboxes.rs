@@ -268,11 +268,7 @@ impl Store {
     }
 
     /// Marks a running sandbox paused. Returns false when it was not running.
-    pub async fn mark_sandbox_paused(
-        &self,
-        sandbox_id: &SandboxId,
-        at: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
+    pub async fn mark_sandbox_paused(&self, sandbox_id: &SandboxId, at: DateTime<Utc>) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "UPDATE sandboxes SET state = 'paused', paused_at = $2 WHERE sandbox_id = $1 AND state = 'running'",
         )
@@ -284,11 +280,7 @@ impl Store {
     }
 
     /// Marks a paused sandbox running again until `end_at`. Returns false when it was not paused.
-    pub async fn mark_sandbox_resumed(
-        &self,
-        sandbox_id: &SandboxId,
-        end_at: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
+    pub async fn mark_sandbox_resumed(&self, sandbox_id: &SandboxId, end_at: DateTime<Utc>) -> Result<bool, StoreError> {
         let result = sqlx::query(
             "UPDATE sandboxes SET state = 'running', paused_at = NULL, end_at = $2 \
              WHERE sandbox_id = $1 AND state = 'paused'",
@@ -301,11 +293,7 @@ impl Store {
     }
 
     /// Sets whether a sandbox pauses instead of ending at its timeout.
-    pub async fn set_sandbox_auto_pause(
-        &self,
-        sandbox_id: &SandboxId,
-        auto_pause: bool,
-    ) -> Result<(), StoreError> {
+    pub async fn set_sandbox_auto_pause(&self, sandbox_id: &SandboxId, auto_pause: bool) -> Result<(), StoreError> {
         sqlx::query("UPDATE sandboxes SET auto_pause = $2 WHERE sandbox_id = $1")
             .bind(sandbox_id.as_str())
             .bind(i64::from(auto_pause))
@@ -315,10 +303,7 @@ impl Store {
     }
 
     /// The envd access token of a sandbox in any state, including killed.
-    pub async fn sandbox_access_token(
-        &self,
-        sandbox_id: &str,
-    ) -> Result<Option<String>, StoreError> {
+    pub async fn sandbox_access_token(&self, sandbox_id: &str) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT envd_access_token FROM sandboxes WHERE sandbox_id = $1")
             .bind(sandbox_id)
             .fetch_optional(&self.pool)
@@ -331,18 +316,13 @@ impl Store {
 
     /// IDs of the sandboxes recorded as paused.
     pub async fn list_paused_sandbox_ids(&self) -> Result<Vec<SandboxId>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT sandbox_id FROM sandboxes WHERE state = 'paused' ORDER BY sandbox_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query("SELECT sandbox_id FROM sandboxes WHERE state = 'paused' ORDER BY sandbox_id")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|row| {
                 let id: String = row.try_get("sandbox_id")?;
-                SandboxId::parse(&id).map_err(|_| StoreError::Corrupt {
-                    column: "sandbox_id",
-                    value: id,
-                })
+                SandboxId::parse(&id).map_err(|_| StoreError::Corrupt { column: "sandbox_id", value: id })
             })
             .collect()
     }
@@ -368,16 +348,11 @@ impl Store {
     }
 
     /// Why a killed sandbox ended, when something other than a request ended it.
-    pub async fn sandbox_end_reason(
-        &self,
-        sandbox_id: &SandboxId,
-    ) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query(
-            "SELECT end_reason FROM sandboxes WHERE sandbox_id = $1 AND state = 'killed'",
-        )
-        .bind(sandbox_id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
+    pub async fn sandbox_end_reason(&self, sandbox_id: &SandboxId) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT end_reason FROM sandboxes WHERE sandbox_id = $1 AND state = 'killed'")
+            .bind(sandbox_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(match row {
             Some(row) => row.try_get("end_reason")?,
             None => None,

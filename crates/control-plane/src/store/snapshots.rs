@@ -58,10 +58,8 @@ impl Store {
             .map(|row| {
                 let id: String = row.try_get("snapshot_id")?;
                 Ok(SnapshotRecord {
-                    snapshot_id: TemplateId::parse(&id).map_err(|_| StoreError::Corrupt {
-                        column: "snapshot_id",
-                        value: id.clone(),
-                    })?,
+                    snapshot_id: TemplateId::parse(&id)
+                        .map_err(|_| StoreError::Corrupt { column: "snapshot_id", value: id.clone() })?,
                     source_sandbox_id: row.try_get("source_sandbox_id")?,
                     name: row.try_get("name")?,
                     created_at: from_millis("created_at", row.try_get("created_at")?)?,

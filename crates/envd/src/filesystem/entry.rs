@@ -104,16 +104,12 @@ pub fn read_metadata(path: &Path) -> HashMap<String, String> {
     };
     let mut names = vec![0u8; 4096];
     // SAFETY: `names` is valid for writes of its length and `c_path` is NUL-terminated.
-    let length =
-        unsafe { libc::llistxattr(c_path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    let length = unsafe { libc::llistxattr(c_path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
     if length <= 0 {
         return metadata;
     }
     names.truncate(length as usize);
-    for raw_name in names
-        .split(|byte| *byte == 0)
-        .filter(|name| !name.is_empty())
-    {
+    for raw_name in names.split(|byte| *byte == 0).filter(|name| !name.is_empty()) {
         let Ok(name) = std::str::from_utf8(raw_name) else {
             continue;
         };
@@ -126,19 +122,11 @@ pub fn read_metadata(path: &Path) -> HashMap<String, String> {
         let mut value = vec![0u8; 64 * 1024];
         // SAFETY: `value` is valid for writes of its length; both strings are NUL-terminated.
         let size = unsafe {
-            libc::lgetxattr(
-                c_path.as_ptr(),
-                c_name.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
+            libc::lgetxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_mut_ptr().cast(), value.len())
         };
         if size >= 0 {
             value.truncate(size as usize);
-            metadata.insert(
-                key.to_string(),
-                String::from_utf8_lossy(&value).into_owned(),
-            );
+            metadata.insert(key.to_string(), String::from_utf8_lossy(&value).into_owned());
         }
     }
     metadata
@@ -148,21 +136,11 @@ pub fn read_metadata(path: &Path) -> HashMap<String, String> {
 pub fn write_metadata(path: &Path, metadata: &HashMap<String, String>) -> io::Result<()> {
     let c_path = c_path(path)?;
     for (key, value) in metadata {
-        let name = CString::new(format!("{METADATA_XATTR_PREFIX}{key}")).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("metadata key {key:?} contains a NUL byte"),
-            )
-        })?;
+        let name = CString::new(format!("{METADATA_XATTR_PREFIX}{key}"))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("metadata key {key:?} contains a NUL byte")))?;
         // SAFETY: both strings are NUL-terminated and `value` is valid for reads of its length.
         let result = unsafe {
-            libc::lsetxattr(
-                c_path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
+            libc::lsetxattr(c_path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
         };
         if result < 0 {
             return Err(io::Error::last_os_error());
@@ -226,10 +204,7 @@ mod tests {
         let entry = entry_info(&link, &names).unwrap();
         assert!(entry.is_symlink);
         assert_eq!(entry.r#type(), FileType::File);
-        assert_eq!(
-            entry.symlink_target.as_deref(),
-            Some(file.to_str().unwrap())
-        );
+        assert_eq!(entry.symlink_target.as_deref(), Some(file.to_str().unwrap()));
     }
 
     #[test]

@@ -99,23 +99,13 @@ impl DirWatch {
             Ok(_) => {}
         }
         if !options.allow_network_mounts {
-            if let Some(fs_type) =
-                filesystem_type(&root).filter(|fs_type| NETWORK_FS_TYPES.contains(fs_type))
-            {
-                return Err(WatchError::NetworkMount {
-                    path: root,
-                    fs_type,
-                });
+            if let Some(fs_type) = filesystem_type(&root).filter(|fs_type| NETWORK_FS_TYPES.contains(fs_type)) {
+                return Err(WatchError::NetworkMount { path: root, fs_type });
             }
         }
 
-        let inotify =
-            Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(|source| {
-                WatchError::Inotify {
-                    path: root.clone(),
-                    source,
-                }
-            })?;
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|source| WatchError::Inotify { path: root.clone(), source })?;
         let mut watch = Self {
             // SAFETY: the inotify descriptor is owned by `InotifyFd`, which the AsyncFd owns
             // until it is dropped, and `as_raw_fd` always returns that descriptor.
@@ -138,10 +128,7 @@ impl DirWatch {
             .get_ref()
             .0
             .add_watch(dir, WATCH_FLAGS)
-            .map_err(|source| WatchError::Inotify {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| WatchError::Inotify { path: dir.to_path_buf(), source })?;
         self.directories.insert(descriptor, dir.to_path_buf());
         Ok(())
     }
@@ -167,13 +154,7 @@ impl DirWatch {
     pub async fn next_events(&mut self) -> std::io::Result<Vec<FilesystemEvent>> {
         loop {
             let mut guard = self.inotify.readable().await?;
-            let read = guard.try_io(|inner| {
-                inner
-                    .get_ref()
-                    .0
-                    .read_events()
-                    .map_err(std::io::Error::from)
-            });
+            let read = guard.try_io(|inner| inner.get_ref().0.read_events().map_err(std::io::Error::from));
             let raw_events = match read {
                 Ok(Ok(events)) => events,
                 Ok(Err(err)) => return Err(err),
@@ -193,11 +174,8 @@ impl DirWatch {
                     continue;
                 }
                 let is_dir = raw.mask.contains(AddWatchFlags::IN_ISDIR);
-                let created = raw
-                    .mask
-                    .intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
-                let watch_new_directory =
-                    self.options.recursive && is_dir && created && raw.name.is_some();
+                let created = raw.mask.intersects(AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO);
+                let watch_new_directory = self.options.recursive && is_dir && created && raw.name.is_some();
                 if watch_new_directory && self.add_directory(&path).is_ok() {
                     self.add_subdirectories(&path);
                 }

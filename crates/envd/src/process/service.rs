@@ -39,10 +39,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/process.Process/Update", post(update))
 }
 
-fn select(
-    state: &AppState,
-    selector: Option<&ProcessSelector>,
-) -> Result<Arc<ManagedProcess>, RpcError> {
+fn select(state: &AppState, selector: Option<&ProcessSelector>) -> Result<Arc<ManagedProcess>, RpcError> {
     match selector.and_then(|selector| selector.selector.as_ref()) {
         Some(process_selector::Selector::Pid(pid)) => state
             .processes
@@ -52,9 +49,7 @@ fn select(
             .processes
             .find_by_tag(tag)
             .ok_or_else(|| RpcError::not_found(format!("process with tag {tag:?} not found"))),
-        None => Err(RpcError::invalid_argument(
-            "process selector is missing a pid or tag",
-        )),
+        None => Err(RpcError::invalid_argument("process selector is missing a pid or tag")),
     }
 }
 
@@ -66,9 +61,7 @@ fn input_error(err: InputError) -> RpcError {
 }
 
 fn error_source(err: &dyn std::error::Error) -> String {
-    err.source()
-        .map(|source| source.to_string())
-        .unwrap_or_default()
+    err.source().map(|source| source.to_string()).unwrap_or_default()
 }
 
 fn pty_size(size: Option<&hearth_envd_proto::process::pty::Size>) -> (u16, u16) {
@@ -91,20 +84,14 @@ async fn start(State(state): State<Arc<AppState>>, request: Request) -> Response
             tokio::spawn(async move {
                 tokio::time::sleep_until(deadline).await;
                 if state.processes.get(process.pid).is_some() {
-                    tracing::info!(
-                        pid = process.pid,
-                        "killing process whose start call timed out"
-                    );
+                    tracing::info!(pid = process.pid, "killing process whose start call timed out");
                     let _ = process.signal(libc::SIGKILL);
                 }
             });
         }
-        Ok(event_stream(
-            process.pid,
-            events,
-            context.keepalive,
-            |event| StartResponse { event: Some(event) },
-        ))
+        Ok(event_stream(process.pid, events, context.keepalive, |event| StartResponse {
+            event: Some(event),
+        }))
     })
     .await
 }
@@ -118,9 +105,7 @@ fn start_process(
         .process
         .ok_or_else(|| RpcError::invalid_argument("start request is missing the process config"))?;
     if config.cmd.is_empty() {
-        return Err(RpcError::invalid_argument(
-            "process config has an empty cmd",
-        ));
+        return Err(RpcError::invalid_argument("process config has an empty cmd"));
     }
     let user = state
         .request_user(&context.headers)
@@ -216,23 +201,16 @@ where
             }
         },
     );
-    Box::pin(
-        futures::stream::iter([start])
-            .chain(rest)
-            .map(move |event| Ok(wrap(event))),
-    )
+    Box::pin(futures::stream::iter([start]).chain(rest).map(move |event| Ok(wrap(event))))
 }
 
 async fn connect_process(State(state): State<Arc<AppState>>, request: Request) -> Response {
     connect::server_stream(request, |context, message: ConnectRequest| async move {
         let process = select(&state, message.process.as_ref())?;
         let events = process.subscribe();
-        Ok(event_stream(
-            process.pid,
-            events,
-            context.keepalive,
-            |event| ConnectResponse { event: Some(event) },
-        ))
+        Ok(event_stream(process.pid, events, context.keepalive, |event| ConnectResponse {
+            event: Some(event),
+        }))
     })
     .await
 }
@@ -254,10 +232,7 @@ async fn list(State(state): State<Arc<AppState>>, request: Request) -> Response 
     .await
 }
 
-async fn write_input(
-    process: &ManagedProcess,
-    input: Option<ProcessInput>,
-) -> Result<(), RpcError> {
+async fn write_input(process: &ManagedProcess, input: Option<ProcessInput>) -> Result<(), RpcError> {
     match input.and_then(|input| input.input) {
         Some(process_input::Input::Stdin(data)) => process.write_input(&data, false).await,
         Some(process_input::Input::Pty(data)) => process.write_input(&data, true).await,
@@ -287,9 +262,7 @@ async fn stream_input(State(state): State<Arc<AppState>>, request: Request) -> R
                     }
                     Some(stream_input_request::Event::Data(data)) => {
                         let target = process.as_ref().ok_or_else(|| {
-                            RpcError::invalid_argument(
-                                "input stream sent data before its start event",
-                            )
+                            RpcError::invalid_argument("input stream sent data before its start event")
                         })?;
                         write_input(target, data.input).await?;
                     }
@@ -316,10 +289,7 @@ async fn send_signal(State(state): State<Arc<AppState>>, request: Request) -> Re
             }
         };
         process.signal(signal).map_err(|err| {
-            RpcError::internal(format!(
-                "failed to send signal {signal} to process {}: {err}",
-                process.pid
-            ))
+            RpcError::internal(format!("failed to send signal {signal} to process {}: {err}", process.pid))
         })?;
         Ok(SendSignalResponse {})
     })
@@ -341,10 +311,7 @@ async fn update(State(state): State<Arc<AppState>>, request: Request) -> Respons
         if let Some(pty) = message.pty {
             let (cols, rows) = pty_size(pty.size.as_ref());
             process.resize(cols, rows).map_err(|err| {
-                RpcError::new(
-                    Code::FailedPrecondition,
-                    format!("failed to resize PTY: {err}"),
-                )
+                RpcError::new(Code::FailedPrecondition, format!("failed to resize PTY: {err}"))
             })?;
         }
         Ok(UpdateResponse {})

@@ -80,16 +80,8 @@ pub fn build_env(
     if !user.shell.is_empty() {
         env.insert("SHELL".to_string(), user.shell.clone());
     }
-    env.extend(
-        init_env
-            .iter()
-            .map(|(key, value)| (key.clone(), value.clone())),
-    );
-    env.extend(
-        call_env
-            .iter()
-            .map(|(key, value)| (key.clone(), value.clone())),
-    );
+    env.extend(init_env.iter().map(|(key, value)| (key.clone(), value.clone())));
+    env.extend(call_env.iter().map(|(key, value)| (key.clone(), value.clone())));
     env
 }
 
@@ -226,10 +218,7 @@ mod tests {
             shell: "/bin/bash".into(),
             groups: vec![1000],
         };
-        let init = HashMap::from([
-            ("A".to_string(), "init".to_string()),
-            ("B".to_string(), "init".to_string()),
-        ]);
+        let init = HashMap::from([("A".to_string(), "init".to_string()), ("B".to_string(), "init".to_string())]);
         let call = HashMap::from([("B".to_string(), "call".to_string())]);
         let env = build_env(&user, &init, &call);
         assert_eq!(env["A"], "init");

@@ -15,23 +15,13 @@ struct Check {
 
 fn find_in_path(program: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file())
 }
 
 fn tool_check(name: &'static str, program: &str, package: &str) -> Check {
     match find_in_path(program) {
-        Some(path) => Check {
-            name,
-            ok: true,
-            detail: path.display().to_string(),
-        },
-        None => Check {
-            name,
-            ok: false,
-            detail: format!("{program} not found; install the Debian package {package}"),
-        },
+        Some(path) => Check { name, ok: true, detail: path.display().to_string() },
+        None => Check { name, ok: false, detail: format!("{program} not found; install the Debian package {package}") },
     }
 }
 
@@ -56,11 +46,7 @@ pub async fn run(_args: DoctorArgs) -> anyhow::Result<()> {
     ];
 
     let accel = hearth_vmm::accel::choose_accel();
-    checks.push(Check {
-        name: "accelerator",
-        ok: true,
-        detail: format!("QEMU with {}: {}", accel.accel, accel.reason),
-    });
+    checks.push(Check { name: "accelerator", ok: true, detail: format!("QEMU with {}: {}", accel.accel, accel.reason) });
 
     let mut failed = 0;
     for check in &checks {

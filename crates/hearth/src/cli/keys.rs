@@ -20,9 +20,8 @@ pub enum ApiKeyCommand {
 pub async fn run(command: ApiKeyCommand) -> anyhow::Result<()> {
     match command {
         ApiKeyCommand::Create { data, name } => {
-            std::fs::create_dir_all(&data.data_dir).with_context(|| {
-                format!("failed to create data dir {}", data.data_dir.display())
-            })?;
+            std::fs::create_dir_all(&data.data_dir)
+                .with_context(|| format!("failed to create data dir {}", data.data_dir.display()))?;
             let created = hearth_control_plane::create_api_key(&data.data_dir, &name)
                 .await
                 .context("failed to create the API key")?;

@@ -63,12 +63,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     std::fs::create_dir_all(&args.data.data_dir)
         .with_context(|| format!("failed to create data dir {}", args.data.data_dir.display()))?;
-    let data_root = std::fs::canonicalize(&args.data.data_dir).with_context(|| {
-        format!(
-            "failed to resolve data dir {}",
-            args.data.data_dir.display()
-        )
-    })?;
+    let data_root = std::fs::canonicalize(&args.data.data_dir)
+        .with_context(|| format!("failed to resolve data dir {}", args.data.data_dir.display()))?;
     let data_dir = DataDir::new(&data_root);
 
     // Bind first, so an address in use fails the start before any slow work.
@@ -80,13 +76,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("failed to listen on {} for the proxy", args.proxy_listen))?;
 
     let driver = args.vmm.driver()?;
-    let instance =
-        InstanceId::from_data_dir(&data_root).context("failed to derive the instance ID")?;
+    let instance = InstanceId::from_data_dir(&data_root).context("failed to derive the instance ID")?;
     let mut pool_config = SlotPoolConfig::new(instance.clone());
     pool_config.ready_target = args.slot_pool_size;
-    let slots = SlotPool::start(pool_config)
-        .await
-        .context("failed to start the network slot pool")?;
+    let slots = SlotPool::start(pool_config).await.context("failed to start the network slot pool")?;
     tracing::info!(
         vmm = %driver.kind(),
         api = %args.api_listen,
@@ -103,25 +96,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     cp_config.api_keys_from_env = args.api_key.iter().cloned().collect();
 
     let node = Arc::new(NodeAgent::new(
-        NodeConfig {
-            data_dir: data_dir.clone(),
-            envd_ready_timeout: Duration::from_secs(args.envd_ready_timeout_secs),
-        },
+        NodeConfig { data_dir: data_dir.clone(), envd_ready_timeout: Duration::from_secs(args.envd_ready_timeout_secs) },
         driver.clone(),
         slots,
     ));
     node.recover();
 
-    let served = serve_until_signal(
-        &args,
-        &data_dir,
-        cp_config,
-        node.clone(),
-        driver,
-        api_listener,
-        proxy_listener,
-    )
-    .await;
+    let served = serve_until_signal(&args, &data_dir, cp_config, node.clone(), driver, api_listener, proxy_listener).await;
 
     // The slots must go whatever happened above, or the namespaces outlive the server.
     let shutdown = node.shutdown().await;
@@ -144,15 +125,9 @@ async fn serve_until_signal(
         .await
         .context("failed to start the control plane")?;
 
-    ensure_base_template(
-        data_dir,
-        control_plane.store(),
-        node.slots(),
-        driver.as_ref(),
-        &args.envd,
-    )
-    .await
-    .context("failed to prepare the base template")?;
+    ensure_base_template(data_dir, control_plane.store(), node.slots(), driver.as_ref(), &args.envd)
+        .await
+        .context("failed to prepare the base template")?;
 
     let reaper = control_plane.spawn_reaper();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -160,9 +135,7 @@ async fn serve_until_signal(
     let proxy = Arc::new(Proxy::new(node.clone(), ProxyConfig::default()));
     let proxy_task = tokio::spawn(proxy.serve(proxy_listener, wait_for(stop_rx.clone())));
     let api_task = tokio::spawn(async move {
-        axum::serve(api_listener, router)
-            .with_graceful_shutdown(wait_for(stop_rx))
-            .await
+        axum::serve(api_listener, router).with_graceful_shutdown(wait_for(stop_rx)).await
     });
     tracing::info!(api = %args.api_listen, proxy = %args.proxy_listen, "hearth serve ready");
 
@@ -189,8 +162,7 @@ async fn wait_for(mut stop: watch::Receiver<bool>) {
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
 
-    let mut terminate =
-        signal(SignalKind::terminate()).expect("installing a SIGTERM handler does not fail");
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler does not fail");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}

@@ -34,10 +34,7 @@ pub struct VmmArgs {
 impl VmmArgs {
     /// Builds the chosen driver and logs the choice with its reason.
     pub fn driver(&self) -> anyhow::Result<Arc<dyn VmmDriver>> {
-        let firecracker = self
-            .firecracker_bin
-            .clone()
-            .or_else(hearth_vmm::firecracker::firecracker_binary_from_env);
+        let firecracker = self.firecracker_bin.clone().or_else(hearth_vmm::firecracker::firecracker_binary_from_env);
         let (driver, reason): (Arc<dyn VmmDriver>, String) = match self.vmm {
             VmmChoice::Qemu => (Arc::new(QemuDriver::from_env()), "--vmm qemu".into()),
             VmmChoice::Firecracker => {
@@ -49,16 +46,12 @@ impl VmmArgs {
             VmmChoice::Auto => {
                 let qemu = QemuDriver::from_env();
                 match (qemu.accel().accel, firecracker) {
-                    (Accel::Kvm, Some(binary)) => (
-                        firecracker_driver(binary),
-                        "KVM can boot guests and a firecracker binary is installed".into(),
-                    ),
-                    (Accel::Kvm, None) => {
-                        (Arc::new(qemu), "no firecracker binary is installed".into())
+                    (Accel::Kvm, Some(binary)) => {
+                        (firecracker_driver(binary), "KVM can boot guests and a firecracker binary is installed".into())
                     }
+                    (Accel::Kvm, None) => (Arc::new(qemu), "no firecracker binary is installed".into()),
                     (Accel::Tcg, _) => {
-                        let reason =
-                            format!("KVM cannot boot guests here ({})", qemu.accel().reason);
+                        let reason = format!("KVM cannot boot guests here ({})", qemu.accel().reason);
                         (Arc::new(qemu), reason)
                     }
                 }
@@ -70,8 +63,5 @@ impl VmmArgs {
 }
 
 fn firecracker_driver(binary: PathBuf) -> Arc<dyn VmmDriver> {
-    Arc::new(FirecrackerDriver::new(FirecrackerConfig {
-        binary,
-        ..FirecrackerConfig::default()
-    }))
+    Arc::new(FirecrackerDriver::new(FirecrackerConfig { binary, ..FirecrackerConfig::default() }))
 }

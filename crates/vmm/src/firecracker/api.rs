@@ -35,18 +35,9 @@ pub enum ApiError {
         source: std::io::Error,
     },
     #[error("{method} {path} returned an invalid HTTP response: {reason}")]
-    InvalidResponse {
-        method: &'static str,
-        path: String,
-        reason: String,
-    },
+    InvalidResponse { method: &'static str, path: String, reason: String },
     #[error("{method} {path} was rejected with HTTP {status}: {fault_message}")]
-    Rejected {
-        method: &'static str,
-        path: String,
-        status: u16,
-        fault_message: String,
-    },
+    Rejected { method: &'static str, path: String, status: u16, fault_message: String },
 }
 
 impl ApiError {
@@ -85,9 +76,7 @@ pub struct ApiClient {
 impl ApiClient {
     /// Creates a client for the socket at `socket`; no connection is made yet.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self {
-            socket: socket.into(),
-        }
+        Self { socket: socket.into() }
     }
 
     /// Path of the API socket.
@@ -97,11 +86,7 @@ impl ApiClient {
 
     /// Waits until the socket accepts connections, polling every millisecond, or until
     /// `alive` returns false (the process exited) or `timeout` passes.
-    pub async fn wait_ready(
-        &self,
-        timeout: Duration,
-        mut alive: impl FnMut() -> bool,
-    ) -> Result<(), ApiError> {
+    pub async fn wait_ready(&self, timeout: Duration, mut alive: impl FnMut() -> bool) -> Result<(), ApiError> {
         let started = Instant::now();
         loop {
             match UnixStream::connect(&self.socket).await {
@@ -112,10 +97,7 @@ impl ApiClient {
                         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
                     );
                     if !waiting || !alive() {
-                        return Err(ApiError::Connect {
-                            path: self.socket.clone(),
-                            source,
-                        });
+                        return Err(ApiError::Connect { path: self.socket.clone(), source });
                     }
                 }
             }
@@ -133,19 +115,11 @@ impl ApiClient {
     /// becomes [`ApiError::Rejected`] with Firecracker's `fault_message`.
     pub async fn send(&self, request: &ApiRequest) -> Result<ApiResponse, ApiError> {
         let method = request.method.as_str();
-        let io_error = |source| ApiError::Io {
-            method,
-            path: request.path.clone(),
-            source,
-        };
+        let io_error = |source| ApiError::Io { method, path: request.path.clone(), source };
 
-        let mut stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ApiError::Connect {
-                    path: self.socket.clone(),
-                    source,
-                })?;
+        let mut stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ApiError::Connect { path: self.socket.clone(), source })?;
         let message = encode_request(request);
         stream.write_all(&message).await.map_err(io_error)?;
 
@@ -158,56 +132,36 @@ impl ApiClient {
             }
             raw.extend_from_slice(&buffer[..n]);
             if raw.len() > MAX_RESPONSE_BYTES {
-                return Err(self.invalid(
-                    request,
-                    format!("response exceeds {MAX_RESPONSE_BYTES} bytes"),
-                ));
+                return Err(self.invalid(request, format!("response exceeds {MAX_RESPONSE_BYTES} bytes")));
             }
             if response_complete(&raw) {
                 break;
             }
         }
 
-        let (status, body) =
-            parse_response(&raw).map_err(|reason| self.invalid(request, reason))?;
+        let (status, body) = parse_response(&raw).map_err(|reason| self.invalid(request, reason))?;
         tracing::trace!(method, path = %request.path, status, "Firecracker API request");
         if (200..300).contains(&status) {
             return Ok(ApiResponse { status, body });
         }
-        Err(ApiError::Rejected {
-            method,
-            path: request.path.clone(),
-            status,
-            fault_message: fault_message(&body),
-        })
+        Err(ApiError::Rejected { method, path: request.path.clone(), status, fault_message: fault_message(&body) })
     }
 
     fn invalid(&self, request: &ApiRequest, reason: String) -> ApiError {
-        ApiError::InvalidResponse {
-            method: request.method.as_str(),
-            path: request.path.clone(),
-            reason,
-        }
+        ApiError::InvalidResponse { method: request.method.as_str(), path: request.path.clone(), reason }
     }
 }
 
 /// Serializes `request` as an HTTP/1.1 message.
 fn encode_request(request: &ApiRequest) -> Vec<u8> {
-    let body = request
-        .body
-        .as_ref()
-        .map(|body| body.to_string())
-        .unwrap_or_default();
+    let body = request.body.as_ref().map(|body| body.to_string()).unwrap_or_default();
     let mut message = format!(
         "{} {} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n",
         request.method.as_str(),
         request.path
     );
     if request.body.is_some() {
-        message.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        message.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
     }
     message.push_str("\r\n");
     message.push_str(&body);
@@ -232,17 +186,13 @@ fn find_header_end(raw: &[u8]) -> Option<usize> {
 fn content_length(headers: &str) -> Option<usize> {
     headers.lines().skip(1).find_map(|line| {
         let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse().ok())
-            .flatten()
+        name.trim().eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok()).flatten()
     })
 }
 
 /// Splits a response into its status and body.
 fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
-    let header_end =
-        find_header_end(raw).ok_or_else(|| format!("no end of headers in {} bytes", raw.len()))?;
+    let header_end = find_header_end(raw).ok_or_else(|| format!("no end of headers in {} bytes", raw.len()))?;
     let headers = String::from_utf8_lossy(&raw[..header_end]);
     let status_line = headers.lines().next().unwrap_or_default();
     let status = status_line
@@ -264,12 +214,7 @@ fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
 fn fault_message(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
-        .and_then(|value| {
-            value
-                .get("fault_message")
-                .and_then(|message| message.as_str())
-                .map(str::to_owned)
-        })
+        .and_then(|value| value.get("fault_message").and_then(|message| message.as_str()).map(str::to_owned))
         .unwrap_or_else(|| body.trim().to_owned())
 }
 

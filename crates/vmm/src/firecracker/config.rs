@@ -42,13 +42,8 @@ pub struct ApiRequest {
 
 impl ApiRequest {
     fn new(method: Method, path: impl Into<String>, body: &impl Serialize) -> Self {
-        let body = serde_json::to_value(body)
-            .expect("API bodies contain only strings, numbers and booleans");
-        Self {
-            method,
-            path: path.into(),
-            body: Some(body),
-        }
+        let body = serde_json::to_value(body).expect("API bodies contain only strings, numbers and booleans");
+        Self { method, path: path.into(), body: Some(body) }
     }
 
     /// `PUT path` with `body`.
@@ -63,11 +58,7 @@ impl ApiRequest {
 
     /// `GET path` without a body.
     pub fn get(path: impl Into<String>) -> Self {
-        Self {
-            method: Method::Get,
-            path: path.into(),
-            body: None,
-        }
+        Self { method: Method::Get, path: path.into(), body: None }
     }
 }
 
@@ -313,12 +304,7 @@ pub fn boot_requests(plan: &BootPlan) -> Vec<ApiRequest> {
     let mut requests = logging_requests(&plan.log_path, &plan.metrics_path, plan.log_level);
     requests.push(ApiRequest::put(
         "/machine-config",
-        &MachineConfig {
-            vcpu_count: plan.vcpus,
-            mem_size_mib: plan.memory_mib,
-            smt: false,
-            track_dirty_pages: true,
-        },
+        &MachineConfig { vcpu_count: plan.vcpus, mem_size_mib: plan.memory_mib, smt: false, track_dirty_pages: true },
     ));
     requests.push(ApiRequest::put(
         "/boot-source",
@@ -348,21 +334,14 @@ pub fn boot_requests(plan: &BootPlan) -> Vec<ApiRequest> {
         ));
         requests.push(ApiRequest::put(
             "/mmds/config",
-            &MmdsConfig {
-                network_interfaces: vec![NET_IFACE_ID.into()],
-                version: MmdsVersion::V2,
-            },
+            &MmdsConfig { network_interfaces: vec![NET_IFACE_ID.into()], version: MmdsVersion::V2 },
         ));
         requests.push(ApiRequest::put("/mmds", &plan.mmds));
     }
     if plan.balloon {
         requests.push(ApiRequest::put(
             "/balloon",
-            &Balloon {
-                amount_mib: 0,
-                deflate_on_oom: true,
-                stats_polling_interval_s: 0,
-            },
+            &Balloon { amount_mib: 0, deflate_on_oom: true, stats_polling_interval_s: 0 },
         ));
     }
     requests.push(instance_start_request());
@@ -374,30 +353,15 @@ pub fn logging_requests(log_path: &Path, metrics_path: &Path, level: LogLevel) -
     vec![
         ApiRequest::put(
             "/logger",
-            &Logger {
-                log_path: log_path.to_owned(),
-                level,
-                show_level: true,
-                show_log_origin: false,
-            },
+            &Logger { log_path: log_path.to_owned(), level, show_level: true, show_log_origin: false },
         ),
-        ApiRequest::put(
-            "/metrics",
-            &Metrics {
-                metrics_path: metrics_path.to_owned(),
-            },
-        ),
+        ApiRequest::put("/metrics", &Metrics { metrics_path: metrics_path.to_owned() }),
     ]
 }
 
 /// `PUT /actions {InstanceStart}`.
 pub fn instance_start_request() -> ApiRequest {
-    ApiRequest::put(
-        "/actions",
-        &InstanceAction {
-            action_type: ActionType::InstanceStart,
-        },
-    )
+    ApiRequest::put("/actions", &InstanceAction { action_type: ActionType::InstanceStart })
 }
 
 /// `PUT /snapshot/load` of a file-backed snapshot that resumes the guest and tracks dirty pages.
@@ -406,10 +370,7 @@ pub fn snapshot_load_request(vmstate: &Path, memory_file: &Path) -> ApiRequest {
         "/snapshot/load",
         &SnapshotLoad {
             snapshot_path: vmstate.to_owned(),
-            mem_backend: MemBackend {
-                backend_type: MemBackendType::File,
-                backend_path: memory_file.to_owned(),
-            },
+            mem_backend: MemBackend { backend_type: MemBackendType::File, backend_path: memory_file.to_owned() },
             enable_diff_snapshots: true,
             resume_vm: true,
         },
@@ -417,18 +378,10 @@ pub fn snapshot_load_request(vmstate: &Path, memory_file: &Path) -> ApiRequest {
 }
 
 /// `PUT /snapshot/create`.
-pub fn snapshot_create_request(
-    snapshot_type: SnapshotType,
-    vmstate: &Path,
-    memory: &Path,
-) -> ApiRequest {
+pub fn snapshot_create_request(snapshot_type: SnapshotType, vmstate: &Path, memory: &Path) -> ApiRequest {
     ApiRequest::put(
         "/snapshot/create",
-        &SnapshotCreate {
-            snapshot_type,
-            snapshot_path: vmstate.to_owned(),
-            mem_file_path: memory.to_owned(),
-        },
+        &SnapshotCreate { snapshot_type, snapshot_path: vmstate.to_owned(), mem_file_path: memory.to_owned() },
     )
 }
 
@@ -461,10 +414,7 @@ mod tests {
     }
 
     fn paths(requests: &[ApiRequest]) -> Vec<&str> {
-        requests
-            .iter()
-            .map(|request| request.path.as_str())
-            .collect()
+        requests.iter().map(|request| request.path.as_str()).collect()
     }
 
     #[test]
@@ -499,10 +449,7 @@ mod tests {
     #[test]
     fn boot_source_omits_missing_initrd() {
         let requests = boot_requests(&plan(None));
-        let boot_source = requests
-            .iter()
-            .find(|request| request.path == "/boot-source")
-            .unwrap();
+        let boot_source = requests.iter().find(|request| request.path == "/boot-source").unwrap();
 
         assert_eq!(
             boot_source.body,
@@ -527,9 +474,6 @@ mod tests {
 
     #[test]
     fn vm_state_body() {
-        assert_eq!(
-            vm_state_request(VmRunState::Paused).body,
-            Some(json!({"state": "Paused"}))
-        );
+        assert_eq!(vm_state_request(VmRunState::Paused).body, Some(json!({"state": "Paused"})));
     }
 }

@@ -32,22 +32,13 @@ impl JailerConfig {
 
     /// Per-VM directory the jailer creates, removed when the VM stops.
     pub fn jail_dir(&self, firecracker: &Path, id: &str) -> PathBuf {
-        let exec_name = firecracker
-            .file_name()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "firecracker".into());
+        let exec_name = firecracker.file_name().map(PathBuf::from).unwrap_or_else(|| "firecracker".into());
         self.chroot_base.join(exec_name).join(id)
     }
 
     /// Builds the jailer's arguments: its own options, then `--` and Firecracker's arguments.
     /// `netns` is a name under `/run/netns`.
-    pub fn args(
-        &self,
-        id: &str,
-        firecracker: &Path,
-        netns: Option<&str>,
-        firecracker_args: &[String],
-    ) -> Vec<String> {
+    pub fn args(&self, id: &str, firecracker: &Path, netns: Option<&str>, firecracker_args: &[String]) -> Vec<String> {
         let mut args = vec![
             "--id".to_owned(),
             id.to_owned(),
@@ -62,12 +53,7 @@ impl JailerConfig {
         ];
         if let Some(netns) = netns {
             args.push("--netns".to_owned());
-            args.push(
-                Path::new("/run/netns")
-                    .join(netns)
-                    .to_string_lossy()
-                    .into_owned(),
-            );
+            args.push(Path::new("/run/netns").join(netns).to_string_lossy().into_owned());
         }
         args.push("--cgroup-version".to_owned());
         args.push(self.cgroup_version.to_string());
@@ -80,12 +66,7 @@ impl JailerConfig {
 /// Makes `host` visible in the chroot `root` as `/<name>`: a hard link, or a copy when `host`
 /// is on another filesystem. `owned` files are given to `uid`:`gid` so that Firecracker can
 /// write them. Returns the path Firecracker uses.
-pub fn link_into(
-    root: &Path,
-    host: &Path,
-    name: &str,
-    owner: Option<(u32, u32)>,
-) -> Result<PathBuf, std::io::Error> {
+pub fn link_into(root: &Path, host: &Path, name: &str, owner: Option<(u32, u32)>) -> Result<PathBuf, std::io::Error> {
     let inside = root.join(name);
     match std::fs::remove_file(&inside) {
         Ok(()) => {}
@@ -125,12 +106,7 @@ mod tests {
     fn args_with_netns() {
         let firecracker_args = vec!["--api-sock".to_owned(), "/fc.sock".to_owned()];
 
-        let args = config().args(
-            "vm-1",
-            Path::new("/usr/local/lib/hearth/firecracker"),
-            Some("slot3"),
-            &firecracker_args,
-        );
+        let args = config().args("vm-1", Path::new("/usr/local/lib/hearth/firecracker"), Some("slot3"), &firecracker_args);
 
         assert_eq!(
             args,
