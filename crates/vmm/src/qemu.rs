@@ -774,6 +774,54 @@ mod tests {
     use super::*;
 
     #[test]
+    fn capabilities_set_ignore_shared_as_given() {
+        assert_eq!(capabilities_with(false)["capabilities"][0]["state"], false);
+        assert_eq!(capabilities()["capabilities"][0]["state"], true);
+    }
+
+    #[test]
+    fn prepare_memory_file_creates_a_sparse_file_of_the_memory_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+
+        prepare_memory_file(&path, 4).unwrap();
+        prepare_memory_file(&path, 4).unwrap();
+
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+        let err = prepare_memory_file(&path, 8).unwrap_err();
+        assert!(err.to_string().contains("memory file"), "{err}");
+    }
+
+    #[test]
+    fn dirty_bytes_sums_the_memory_mapping_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = dir.path().join("memory");
+        std::fs::write(&memory, b"").unwrap();
+        let memory = std::fs::canonicalize(&memory).unwrap();
+        // This process maps the file shared and dirties two of its four pages.
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&memory).unwrap();
+        file.set_len(4 * 4096).unwrap();
+        // SAFETY: maps a 16 KiB file this test owns; the pointer is used only within the
+        // mapping's bounds and unmapped before the file is dropped.
+        unsafe {
+            let ptr = libc::mmap(
+                std::ptr::null_mut(),
+                4 * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(ptr, libc::MAP_FAILED);
+            *(ptr as *mut u8) = 1;
+            *(ptr as *mut u8).add(2 * 4096) = 1;
+            let dirty = dirty_bytes(std::process::id(), &memory).unwrap();
+            libc::munmap(ptr, 4 * 4096);
+            assert_eq!(dirty, 2 * 4096);
+        }
+    }
+
+    #[test]
     fn escape_opt_doubles_commas() {
         assert_eq!(escape_opt("/a,b/c"), "/a,,b/c");
     }
