@@ -142,7 +142,7 @@ pub enum VmmError {
     },
 }
 
-/// Which VMM a driver runs. Snapshots are specific to the VMM that wrote them.
+/// Kind of VMM a driver runs. Snapshots are specific to the VMM that wrote them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmmKind {
@@ -177,7 +177,7 @@ impl std::fmt::Display for VmmKind {
     }
 }
 
-/// Where [`Vm::snapshot`] writes.
+/// Destination of [`Vm::snapshot`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotTarget {
     /// Device state. QEMU also writes the RAM of a restored VM into this file.
@@ -190,7 +190,7 @@ pub struct SnapshotTarget {
     pub diff: bool,
 }
 
-/// Where a snapshot's guest memory ended up.
+/// Location of a snapshot's guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotMemory {
@@ -201,10 +201,10 @@ pub enum SnapshotMemory {
     InMemoryFile,
 }
 
-/// What a snapshot wrote.
+/// Outcome of a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotReport {
-    /// Where the memory is.
+    /// Location of the memory.
     pub memory: SnapshotMemory,
     /// Bytes the snapshot wrote to files, memory and device state together.
     pub bytes_written: u64,
