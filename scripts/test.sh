@@ -38,22 +38,37 @@ cargo test --release --locked --workspace -- --test-threads=2
 netns_before=$(ip netns list | wc -l)
 
 api_key="e2b_$(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-HEARTH_API_KEY="$api_key" hearth serve --data-dir "$data_dir" \
-    --api-listen 127.0.0.1:3000 --proxy-listen 127.0.0.1:3001 >"$work_dir/server.log" 2>&1 &
-server_pid=$!
-for _ in $(seq 1 300); do
-    curl -fsS -m 2 http://127.0.0.1:3000/health >/dev/null 2>&1 && break
-    kill -0 "$server_pid" 2>/dev/null || { cat "$work_dir/server.log"; echo "error: hearth serve exited" >&2; exit 1; }
-    sleep 1
-done
+export E2B_API_URL=http://127.0.0.1:3000 E2B_SANDBOX_URL=http://127.0.0.1:3001 E2B_API_KEY="$api_key"
+
+start_server() {
+    HEARTH_API_KEY="$api_key" hearth serve --data-dir "$data_dir" \
+        --api-listen 127.0.0.1:3000 --proxy-listen 127.0.0.1:3001 >>"$work_dir/server.log" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 1 300); do
+        curl -fsS -m 2 http://127.0.0.1:3000/health >/dev/null 2>&1 && return 0
+        kill -0 "$server_pid" 2>/dev/null || { cat "$work_dir/server.log"; echo "error: hearth serve exited" >&2; exit 1; }
+        sleep 1
+    done
+    echo "error: hearth serve did not answer /health within 300 s" >&2
+    exit 1
+}
+
+stop_server() {
+    kill -TERM "$server_pid"
+    wait "$server_pid" || true
+    server_pid=""
+}
 
 status=0
-E2B_API_URL=http://127.0.0.1:3000 E2B_SANDBOX_URL=http://127.0.0.1:3001 E2B_API_KEY="$api_key" \
-    "$venv/bin/python" -m pytest -q "$root_dir/tests/sdk" || status=$?
+start_server
+"$venv/bin/python" -m pytest -q "$root_dir/tests/sdk" || status=$?
 
-kill -TERM "$server_pid"
-wait "$server_pid" || true
-server_pid=""
+# Paused and autoPause sandboxes must outlive a restart of the server.
+"$venv/bin/python" "$root_dir/tests/sdk/restart_check.py" prepare "$work_dir/restart.json" || status=$?
+stop_server
+start_server
+"$venv/bin/python" "$root_dir/tests/sdk/restart_check.py" verify "$work_dir/restart.json" || status=$?
+stop_server
 
 netns_after=$(ip netns list | wc -l)
 if [[ "$netns_after" != "$netns_before" ]]; then
