@@ -529,7 +529,7 @@ impl Vm for QemuVm {
                 message: format!(
                     "writing snapshot {} ended with status {status}: {}",
                     vmstate.display(),
-                    error.unwrap_or_else(|| "no reason given".into())
+                    error.unwrap_or_else(|| "QEMU reported no reason (check the free space for the file)".into())
                 ),
                 log_tail: read_tail(&self.vmm_log()),
             });
