@@ -10,14 +10,15 @@ Per sandbox it measures, in this order:
 
 1. a 16 MiB file is written in the guest (page cache the first pause must save);
 2. first pause: `POST /sandboxes/{id}/pause`, timed at the client, with the server's
-   `Server-Timing` and `Hearth-Bytes-Written` headers;
+   `Hearth-Bytes-Written` header;
 3. first resume: `POST /sandboxes/{id}/resume`, then `commands.run("true")` on the SDK
    object created before the pause; resume-to-first-command spans both. The resume's
    `Server-Timing` gives `vmm_restore` (the VMM's own restore) and `envd_init` (the
    restored guest answering envd's `/init`); Hearth's host-side overhead is
    `total - vmm_restore - envd_init`;
-4. a 4 KiB file is written, then the second pause and second resume, measured the same way;
-5. a fork with `count=1`, timed at the client; the fork is killed.
+4. second pause and second resume right away, measured the same way;
+5. a 4 KiB file is written, then a third pause ("after a small change") and resume;
+6. a fork with `count=1`, timed at the client; the fork is killed.
 
 Every sandbox it creates is killed on exit. Traffic goes only to the URLs in the
 environment.
@@ -107,9 +108,11 @@ class PauseBench:
 
         self.pause(sandbox.sandbox_id, "first")
         self.resume_and_run(sandbox, "first")
-        sandbox.files.write("/home/user/small.txt", "x" * 4096)
         self.pause(sandbox.sandbox_id, "second")
         self.resume_and_run(sandbox, "second")
+        sandbox.files.write("/home/user/small.txt", "x" * 4096)
+        self.pause(sandbox.sandbox_id, "small-change")
+        self.resume_and_run(sandbox, "small-change")
         self.fork(sandbox.sandbox_id)
         log(f"sandbox {index + 1}/{self.args.sandboxes} done")
 

@@ -920,7 +920,12 @@ impl SandboxRuntime for NodeAgent {
                 }
             });
         }
-        let _ = std::fs::remove_file(&record.vmstate_file);
+        // Unlinking a stream of every RAM page takes tens of milliseconds; the resumed
+        // sandbox does not wait for it.
+        let vmstate_file = record.vmstate_file.clone();
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(&vmstate_file);
+        });
         let envd_version = record.envd_version.clone();
         tracing::info!(
             sandbox_id = %sandbox_id,
