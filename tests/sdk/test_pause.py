@@ -105,3 +105,14 @@ def test_snapshot_creates_new_sandboxes_and_is_listed(request):
     child = create_sandbox(request.addfinalizer, template=info.snapshot_id)
     assert child.files.read("/home/user/snap.txt") == "snapshotted"
     assert source.commands.run("true", timeout=CMD_TIMEOUT).exit_code == 0
+
+
+def test_auto_resume_on_traffic_through_the_proxy(request):
+    sbx = create_sandbox(request.addfinalizer, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    sbx.files.write("/home/user/woken.txt", "woken by traffic")
+    assert sbx.pause() is True
+    assert state_of(sbx.sandbox_id) == SandboxState.PAUSED
+
+    # No connect: the file read reaches the proxy, which resumes the sandbox first.
+    assert sbx.files.read("/home/user/woken.txt") == "woken by traffic"
+    assert state_of(sbx.sandbox_id) == SandboxState.RUNNING

@@ -4,6 +4,8 @@
 -- a restart of the server), shown in the 404 for its ID.
 ALTER TABLE sandboxes ADD COLUMN end_reason TEXT;
 ALTER TABLE sandboxes ADD COLUMN paused_at BIGINT;
+-- 1 when traffic through the proxy resumes the sandbox while it is paused.
+ALTER TABLE sandboxes ADD COLUMN auto_resume INTEGER NOT NULL DEFAULT 0;
 
 -- A snapshot is a template whose one build was checkpointed from a sandbox.
 CREATE TABLE snapshots (

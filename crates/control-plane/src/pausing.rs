@@ -13,7 +13,7 @@ use hearth_types::{SandboxId, TemplateId};
 
 use crate::error::ApiError;
 use crate::runtime::{PausedSandbox, RuntimeError, SandboxSpec, SnapshotSpec, StartedSandbox};
-use crate::sandboxes::{sandbox_not_found, ServerTiming};
+use crate::sandboxes::{sandbox_not_found, ServerTiming, CONNECT_DEFAULT_TIMEOUT_SECS};
 use crate::store::{NewSandboxRecord, SandboxRecord, SandboxState, TemplateBuildRecord};
 use crate::{new_build_id, validate, ControlPlane};
 
@@ -331,6 +331,31 @@ impl ControlPlane {
             .await?;
         tracing::info!(sandbox_id = %sandbox_id, snapshot_id = %snapshot_id, name = ?name, "snapshot created");
         Ok((snapshot_id, aliases))
+    }
+
+    /// Resumes a paused sandbox created with `autoResume` when traffic for it reaches the
+    /// proxy, for the connect routes' default timeout. Returns whether the sandbox runs
+    /// now; a sandbox that is not paused, or did not ask for this, stays as it is.
+    pub async fn wake_sandbox(&self, sandbox_id: &SandboxId) -> bool {
+        match self.store().get_live_sandbox(sandbox_id).await {
+            Ok(Some(record)) if record.state == SandboxState::Paused && record.auto_resume => {}
+            Ok(Some(record)) => return record.state == SandboxState::Running,
+            Ok(None) => return false,
+            Err(err) => {
+                tracing::error!(sandbox_id = %sandbox_id, error = %err, "failed to read a sandbox to wake it");
+                return false;
+            }
+        }
+        match self.resume_sandbox(sandbox_id, CONNECT_DEFAULT_TIMEOUT_SECS, None, false).await {
+            Ok(_) => {
+                tracing::info!(sandbox_id = %sandbox_id, "paused sandbox resumed by proxy traffic");
+                true
+            }
+            Err(err) => {
+                tracing::error!(sandbox_id = %sandbox_id, error = ?err, "failed to resume a sandbox for proxy traffic");
+                false
+            }
+        }
     }
 
     /// The running or paused sandbox with this ID, or a 404 that says why it ended.

@@ -66,6 +66,7 @@ struct CreateRequest {
     secure: bool,
     allow_internet_access: Option<bool>,
     auto_pause: bool,
+    auto_resume: bool,
 }
 
 impl ControlPlane {
@@ -166,6 +167,9 @@ impl ControlPlane {
             }
             return Err(err.into());
         }
+        if request.auto_resume {
+            self.store().set_sandbox_auto_resume(&sandbox_id, true).await?;
+        }
         if let Err(err) = self
             .store()
             .record_template_spawn(&template.template_id, now)
@@ -218,6 +222,12 @@ impl ControlPlane {
 
         reject_unsupported_options(&body)?;
         let auto_pause = body.auto_pause.unwrap_or(false);
+        let auto_resume = parse_auto_resume(body.auto_resume.as_ref())?;
+        if auto_resume && !auto_pause {
+            return Err(ApiError::bad_request(
+                "invalid autoResume: resuming on traffic needs autoPause (lifecycle on_timeout \"pause\")",
+            ));
+        }
         if body.auto_pause_memory == Some(false) {
             return Err(ApiError::bad_request(
                 "invalid autoPauseMemory false: Hearth pauses with memory only",
@@ -232,6 +242,7 @@ impl ControlPlane {
             secure: api == CreateApi::V2 || body.secure.unwrap_or(false),
             allow_internet_access: body.allow_internet_access,
             auto_pause,
+            auto_resume,
         })
     }
 
@@ -335,13 +346,6 @@ fn reject_unsupported_options(body: &NewSandbox) -> Result<(), ApiError> {
             "invalid volumeMounts: volumes are not supported by this Hearth server",
         ));
     }
-    if let Some(resume) = &body.auto_resume {
-        if resume.get("enabled").and_then(Value::as_bool) == Some(true) {
-            return Err(ApiError::bad_request(
-                "invalid autoResume: this Hearth server does not resume sandboxes on proxy traffic; call connect to resume a paused sandbox",
-            ));
-        }
-    }
     if let Some(network) = &body.network {
         check_network(network)?;
     }
@@ -374,6 +378,23 @@ fn check_network(network: &Value) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// Reads `autoResume` (`{"enabled": bool}` or null) as a flag.
+fn parse_auto_resume(value: Option<&Value>) -> Result<bool, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Object(fields)) => match fields.get("enabled") {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(enabled)) => Ok(*enabled),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "invalid autoResume.enabled {other}: expected true or false"
+            ))),
+        },
+        Some(other) => Err(ApiError::bad_request(format!(
+            "invalid autoResume {other}: expected an object such as {{\"enabled\": true}}"
+        ))),
+    }
 }
 
 fn is_empty_json(value: &Value, field: &str) -> bool {

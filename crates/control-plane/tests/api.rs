@@ -604,7 +604,8 @@ async fn create_rejects_bad_input() {
         json!({"timeout": 10}),
         json!({"templateID": "base", "network": {"denyOut": ["0.0.0.0/0"]}}),
         json!({"templateID": "base", "volumeMounts": [{"name": "v", "path": "/data"}]}),
-        json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": true}}),
+        json!({"templateID": "base", "autoResume": {"enabled": true}}),
+        json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": "yes"}}),
     ];
     for body in cases {
         let reply = h

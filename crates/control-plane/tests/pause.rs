@@ -292,3 +292,35 @@ async fn shutdown_pauses_auto_pause_sandboxes() {
         reply.text
     );
 }
+
+#[tokio::test]
+async fn wake_resumes_only_auto_resume_sandboxes() {
+    let h = harness().await;
+    let waking = h
+        .create(json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": true}}))
+        .await;
+    let plain = h.create(json!({"templateID": "base", "autoPause": true})).await;
+    let detail = h.call(Method::GET, &format!("/sandboxes/{waking}"), None).await;
+    assert_eq!(detail.body["lifecycle"]["autoResume"], true, "{}", detail.text);
+    for id in [&waking, &plain] {
+        h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    }
+
+    assert!(h.control_plane.wake_sandbox(&SandboxId::parse(&waking).unwrap()).await);
+    assert!(!h.control_plane.wake_sandbox(&SandboxId::parse(&plain).unwrap()).await);
+
+    assert_eq!(state_of(&h, &waking).await, "running");
+    assert_eq!(state_of(&h, &plain).await, "paused");
+}
+
+#[tokio::test]
+async fn auto_resume_without_auto_pause_is_rejected() {
+    let h = harness().await;
+
+    let reply = h
+        .call(Method::POST, "/v2/sandboxes", Some(json!({"templateID": "base", "autoResume": {"enabled": true}})))
+        .await;
+
+    assert_error(&reply, StatusCode::BAD_REQUEST);
+    assert!(reply.body["message"].as_str().unwrap().contains("autoPause"), "{}", reply.text);
+}

@@ -168,12 +168,13 @@ impl Proxy {
 
         let (mut parts, body) = request.into_parts();
         let target = Target::from_request(&parts)?;
-        let route =
-            self.routes
-                .lookup(&target.sandbox_id)
-                .ok_or_else(|| ProxyError::SandboxNotFound {
-                    sandbox_id: target.sandbox_id.clone(),
-                })?;
+        let route = match self.routes.lookup(&target.sandbox_id) {
+            Some(route) => Some(route),
+            None => self.routes.wake(&target.sandbox_id).await,
+        };
+        let route = route.ok_or_else(|| ProxyError::SandboxNotFound {
+            sandbox_id: target.sandbox_id.clone(),
+        })?;
         check_traffic_token(&route, &target, &parts.headers)?;
 
         let upstream = SocketAddr::from((route.address, target.port));

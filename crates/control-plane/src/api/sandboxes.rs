@@ -403,7 +403,7 @@ fn sandbox_detail(cp: &ControlPlane, record: &SandboxRecord) -> SandboxDetail {
         metadata: record.metadata.clone(),
         state: record.state.as_str().to_owned(),
         lifecycle: SandboxLifecycle {
-            auto_resume: false,
+            auto_resume: record.auto_resume,
             on_timeout: if record.auto_pause { "pause" } else { "kill" }.to_owned(),
         },
     }

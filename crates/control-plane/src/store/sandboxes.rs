@@ -86,6 +86,8 @@ pub struct SandboxRecord {
     pub envd_version: String,
     pub allow_internet_access: Option<bool>,
     pub auto_pause: bool,
+    /// Whether traffic through the proxy resumes the sandbox while it is paused.
+    pub auto_resume: bool,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub disk_mb: u32,
@@ -109,8 +111,8 @@ pub struct SandboxListFilter {
 }
 
 const SANDBOX_COLUMNS: &str = "SELECT sandbox_id, template_id, build_id, alias, metadata, env_var_names, \
-     envd_access_token, envd_version, allow_internet_access, auto_pause, vcpus, memory_mib, disk_mb, \
-     state, started_at, end_at, killed_at FROM sandboxes";
+     envd_access_token, envd_version, allow_internet_access, auto_pause, auto_resume, vcpus, memory_mib, \
+     disk_mb, state, started_at, end_at, killed_at FROM sandboxes";
 
 impl Store {
     /// Inserts a running sandbox.
@@ -314,6 +316,16 @@ impl Store {
         })
     }
 
+    /// Sets whether traffic through the proxy resumes the sandbox while it is paused.
+    pub async fn set_sandbox_auto_resume(&self, sandbox_id: &SandboxId, auto_resume: bool) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sandboxes SET auto_resume = $2 WHERE sandbox_id = $1")
+            .bind(sandbox_id.as_str())
+            .bind(i64::from(auto_resume))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// IDs of the sandboxes recorded as paused.
     pub async fn list_paused_sandbox_ids(&self) -> Result<Vec<SandboxId>, StoreError> {
         let rows = sqlx::query("SELECT sandbox_id FROM sandboxes WHERE state = 'paused' ORDER BY sandbox_id")
@@ -412,6 +424,7 @@ fn sandbox_from_row(row: &SqliteRow) -> Result<SandboxRecord, StoreError> {
             .try_get::<Option<i64>, _>("allow_internet_access")?
             .map(|v| v != 0),
         auto_pause: row.try_get::<i64, _>("auto_pause")? != 0,
+        auto_resume: row.try_get::<i64, _>("auto_resume")? != 0,
         vcpus: to_u32("vcpus", row.try_get("vcpus")?)?,
         memory_mib: to_u32("memory_mib", row.try_get("memory_mib")?)?,
         disk_mb: to_u32("disk_mb", row.try_get("disk_mb")?)?,

@@ -112,6 +112,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The proxy's routes: the node agent's, and a resume through the control plane for a
+/// paused sandbox that asked to be resumed by traffic.
+struct WakingRoutes {
+    node: Arc<NodeAgent>,
+    control_plane: hearth_control_plane::ControlPlane,
+}
+
+impl hearth_proxy::RouteTable for WakingRoutes {
+    fn lookup(&self, sandbox_id: &str) -> Option<hearth_proxy::Route> {
+        self.node.lookup(sandbox_id)
+    }
+
+    fn wake<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<hearth_proxy::Route>> + Send + 'a>> {
+        Box::pin(async move {
+            let id = hearth_types::SandboxId::parse(sandbox_id).ok()?;
+            if self.control_plane.wake_sandbox(&id).await {
+                self.node.lookup(sandbox_id)
+            } else {
+                None
+            }
+        })
+    }
+}
+
 async fn serve_until_signal(
     args: &ServeArgs,
     data_dir: &DataDir,
@@ -132,7 +159,8 @@ async fn serve_until_signal(
     let reaper = control_plane.spawn_reaper();
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let proxy = Arc::new(Proxy::new(node.clone(), ProxyConfig::default()));
+    let routes = Arc::new(WakingRoutes { node: node.clone(), control_plane: control_plane.clone() });
+    let proxy = Arc::new(Proxy::new(routes, ProxyConfig::default()));
     let proxy_task = tokio::spawn(proxy.serve(proxy_listener, wait_for(stop_rx.clone())));
     let api_task = tokio::spawn(async move {
         axum::serve(api_listener, router).with_graceful_shutdown(wait_for(stop_rx)).await
