@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from e2b import NotFoundException, Sandbox, SandboxQuery, SandboxState
+from e2b import NotFoundException, Sandbox, SandboxException, SandboxQuery, SandboxState
 
 from sdk_helpers import CMD_TIMEOUT, REQUEST_TIMEOUT, StreamCollector, create_sandbox, kill_quietly, wait_until
 
@@ -105,6 +105,13 @@ def test_snapshot_creates_new_sandboxes_and_is_listed(request):
     child = create_sandbox(request.addfinalizer, template=info.snapshot_id)
     assert child.files.read("/home/user/snap.txt") == "snapshotted"
     assert source.commands.run("true", timeout=CMD_TIMEOUT).exit_code == 0
+
+    # A snapshot in use cannot be deleted; once its sandbox is gone it can.
+    with pytest.raises(SandboxException):
+        Sandbox.delete_snapshot(info.snapshot_id)
+    child.kill()
+    assert Sandbox.delete_snapshot(info.snapshot_id) is True
+    assert info.snapshot_id not in [s.snapshot_id for s in source.list_snapshots().next_items()]
 
 
 def test_auto_resume_on_traffic_through_the_proxy(request):

@@ -358,6 +358,37 @@ impl ControlPlane {
         }
     }
 
+    /// Deletes a snapshot (by ID or name) and its files, unless a live sandbox or another
+    /// snapshot still reads them. Other templates cannot be deleted yet.
+    pub(crate) async fn delete_snapshot(&self, id_or_name: &str) -> Result<(), ApiError> {
+        let template = self.store().find_template(id_or_name).await?.ok_or_else(|| {
+            ApiError::not_found(format!("template or snapshot {id_or_name:?} not found"))
+        })?;
+        let template_id = template.template_id;
+        if !self.store().is_snapshot(&template_id).await? {
+            return Err(ApiError::not_implemented("deleting templates other than snapshots"));
+        }
+        let (sandboxes, snapshots) = self.store().template_dependents(&template_id).await?;
+        if sandboxes > 0 || snapshots > 0 {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "snapshot {template_id} is in use by {sandboxes} running or paused sandboxes and \
+                     {snapshots} snapshots taken from them; kill those sandboxes and delete those \
+                     snapshots first"
+                ),
+            ));
+        }
+        // The rows go first: a failure after them leaves unused files, never a listed
+        // snapshot without its files.
+        self.store().delete_template(&template_id).await?;
+        if let Err(err) = self.runtime().delete_template(&template_id).await {
+            tracing::error!(template_id = %template_id, error = %err, "snapshot deleted from the database but its files remain");
+        }
+        tracing::info!(template_id = %template_id, "snapshot deleted");
+        Ok(())
+    }
+
     /// The running or paused sandbox with this ID, or a 404 that says why it ended.
     pub(crate) async fn live_sandbox(
         &self,

@@ -118,6 +118,10 @@ pub trait SandboxRuntime: Send + Sync + 'static {
     /// Checkpoints a running sandbox (it keeps running) into a new template build.
     async fn snapshot(&self, sandbox_id: &SandboxId, target: SnapshotSpec) -> Result<(), RuntimeError>;
 
+    /// Deletes a template's files from this node. The caller has checked that no sandbox
+    /// or other template needs them.
+    async fn delete_template(&self, template_id: &TemplateId) -> Result<(), RuntimeError>;
+
     /// Checkpoints a running sandbox once (it keeps running) and starts one sandbox per
     /// entry of `forks` from that checkpoint. The outer error fails all forks; each fork
     /// succeeds or fails on its own.

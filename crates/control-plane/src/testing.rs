@@ -189,6 +189,10 @@ impl SandboxRuntime for RecordingRuntime {
         Ok(())
     }
 
+    async fn delete_template(&self, _template_id: &hearth_types::TemplateId) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     async fn fork(
         &self,
         sandbox_id: &SandboxId,

@@ -324,3 +324,32 @@ async fn auto_resume_without_auto_pause_is_rejected() {
     assert_error(&reply, StatusCode::BAD_REQUEST);
     assert!(reply.body["message"].as_str().unwrap().contains("autoPause"), "{}", reply.text);
 }
+
+#[tokio::test]
+async fn snapshot_delete_waits_for_its_sandboxes() {
+    let h = harness().await;
+    let source = h.create(json!({"templateID": "base"})).await;
+    let first = h.call(Method::POST, &format!("/sandboxes/{source}/snapshots"), Some(json!({"name": "snap"}))).await;
+    let second = h.call(Method::POST, &format!("/sandboxes/{source}/snapshots"), Some(json!({"name": "snap"}))).await;
+    let first_id = first.body["snapshotID"].as_str().unwrap().to_owned();
+    let second_id = second.body["snapshotID"].as_str().unwrap().to_owned();
+    let listed = h.call(Method::GET, "/snapshots", None).await;
+    assert_eq!(
+        listed.body,
+        json!([{"snapshotID": first_id, "names": []}, {"snapshotID": second_id, "names": ["snap"]}])
+    );
+    let child = h.create(json!({"templateID": "snap"})).await;
+
+    let busy = h.call(Method::DELETE, &format!("/templates/{second_id}"), None).await;
+    assert_error(&busy, StatusCode::CONFLICT);
+    h.call(Method::DELETE, &format!("/sandboxes/{child}"), None).await;
+    let deleted = h.call(Method::DELETE, &format!("/templates/{second_id}"), None).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.text);
+
+    let gone = h.call(Method::GET, &format!("/templates/{second_id}"), None).await;
+    assert_error(&gone, StatusCode::NOT_FOUND);
+    let listed = h.call(Method::GET, "/snapshots", None).await;
+    assert_eq!(listed.body, json!([{"snapshotID": first_id, "names": []}]));
+    let base = h.call(Method::DELETE, "/templates/base", None).await;
+    assert_error(&base, StatusCode::NOT_IMPLEMENTED);
+}

@@ -990,6 +990,22 @@ impl SandboxRuntime for NodeAgent {
         ids
     }
 
+    async fn delete_template(&self, template_id: &TemplateId) -> Result<(), RuntimeError> {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, _), _| id != template_id);
+        let dir = self.config.data_dir.templates_dir().join(template_id.as_str());
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                tracing::info!(template_id = %template_id, "template files deleted");
+                Ok(())
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(RuntimeError::Failed(format!("failed to delete {}: {err}", dir.display()))),
+        }
+    }
+
     async fn snapshot(
         &self,
         sandbox_id: &SandboxId,

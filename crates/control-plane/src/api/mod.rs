@@ -34,6 +34,7 @@ use crate::{auth, models, ControlPlane};
         templates::list,
         templates::get,
         templates::get_alias,
+        templates::delete,
     ),
     components(schemas(
         ErrorBody,
@@ -123,7 +124,7 @@ pub(crate) fn router(control_plane: ControlPlane) -> Router {
             "/templates/{template_id}",
             get(templates::get)
                 .patch(unsupported("updating templates"))
-                .delete(unsupported("deleting templates and snapshots"))
+                .delete(templates::delete)
                 .post(unsupported("rebuilding templates with the v1 API")),
         )
         .route("/templates/aliases/{alias}", get(templates::get_alias));

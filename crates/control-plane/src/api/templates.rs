@@ -88,3 +88,16 @@ fn template(record: &TemplateRecord) -> Template {
         build_status: record.status.as_str().to_owned(),
     }
 }
+
+#[utoipa::path(delete, path = "/templates/{templateID}", tag = "templates",
+    params(("templateID" = String, Path, description = "Template or snapshot ID, or alias")),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 501, body = ErrorBody)))]
+pub(crate) async fn delete(
+    State(cp): State<ControlPlane>,
+    Path(template_id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    cp.delete_snapshot(&template_id).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}

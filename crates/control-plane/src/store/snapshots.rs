@@ -27,6 +27,13 @@ impl Store {
         name: Option<&str>,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
+        // A name belongs to the newest snapshot that took it, as its template alias does.
+        if let Some(name) = name {
+            sqlx::query("UPDATE snapshots SET name = NULL WHERE name = $1")
+                .bind(name)
+                .execute(&self.pool)
+                .await?;
+        }
         sqlx::query(
             "INSERT INTO snapshots (snapshot_id, source_sandbox_id, name, created_at) VALUES ($1, $2, $3, $4)",
         )
@@ -37,6 +44,55 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Whether `snapshot_id` is a snapshot (not a built template).
+    pub async fn is_snapshot(&self, snapshot_id: &TemplateId) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM snapshots WHERE snapshot_id = $1")
+            .bind(snapshot_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Live sandboxes started from `template_id`, and snapshots taken from sandboxes that
+    /// started from it: everything whose disk chain or memory reads the template's files.
+    pub async fn template_dependents(&self, template_id: &TemplateId) -> Result<(i64, i64), StoreError> {
+        let sandboxes: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM sandboxes WHERE template_id = $1 AND state <> 'killed'",
+        )
+        .bind(template_id.as_str())
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        let snapshots: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM snapshots s JOIN sandboxes b ON b.sandbox_id = s.source_sandbox_id \
+             WHERE b.template_id = $1",
+        )
+        .bind(template_id.as_str())
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        Ok((sandboxes, snapshots))
+    }
+
+    /// Deletes a template with its builds, aliases and snapshot row.
+    pub async fn delete_template(&self, template_id: &TemplateId) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for sql in [
+            "DELETE FROM snapshots WHERE snapshot_id = $1",
+            "DELETE FROM template_aliases WHERE template_id = $1",
+            "DELETE FROM template_builds WHERE template_id = $1",
+        ] {
+            sqlx::query(sql).bind(template_id.as_str()).execute(&mut *tx).await?;
+        }
+        let deleted = sqlx::query("DELETE FROM templates WHERE template_id = $1")
+            .bind(template_id.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted > 0)
     }
 
     /// Snapshots, oldest first, optionally only those of one sandbox or with one name or ID.
