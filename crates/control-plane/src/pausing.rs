@@ -389,7 +389,7 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// The running or paused sandbox with this ID, or a 404 that says why it ended.
+    /// Returns the running or paused sandbox with this ID, or a 404 with the reason it ended.
     pub(crate) async fn live_sandbox(
         &self,
         sandbox_id: &SandboxId,

@@ -46,7 +46,7 @@ impl Store {
         Ok(())
     }
 
-    /// Whether `snapshot_id` is a snapshot (not a built template).
+    /// Returns whether `snapshot_id` is a snapshot (not a built template).
     pub async fn is_snapshot(&self, snapshot_id: &TemplateId) -> Result<bool, StoreError> {
         let row = sqlx::query("SELECT 1 FROM snapshots WHERE snapshot_id = $1")
             .bind(snapshot_id.as_str())
