@@ -43,9 +43,7 @@ fn parse_options() -> Result<Option<Options>, String> {
         match arg.as_str() {
             "--port" => {
                 let value = args.next().ok_or("--port needs a value")?;
-                options.port = value
-                    .parse()
-                    .map_err(|_| format!("invalid port {value:?}"))?;
+                options.port = value.parse().map_err(|_| format!("invalid port {value:?}"))?;
             }
             "--default-user" => {
                 options.default_user = args.next().ok_or("--default-user needs a value")?;

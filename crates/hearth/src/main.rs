@@ -8,10 +8,7 @@ fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     cli::init_logging(args.log_json);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: failed to start the async runtime: {err}");

@@ -38,10 +38,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/filesystem.Filesystem/Remove", post(remove))
         .route("/filesystem.Filesystem/WatchDir", post(watch_dir))
         .route("/filesystem.Filesystem/CreateWatcher", post(create_watcher))
-        .route(
-            "/filesystem.Filesystem/GetWatcherEvents",
-            post(get_watcher_events),
-        )
+        .route("/filesystem.Filesystem/GetWatcherEvents", post(get_watcher_events))
         .route("/filesystem.Filesystem/RemoveWatcher", post(remove_watcher))
 }
 
@@ -81,8 +78,7 @@ async fn stat(State(state): State<Arc<AppState>>, request: Request) -> Response 
         let user = request_user(&state, &context)?;
         let path = resolve_path(&message.path, &user.home);
         blocking(move || {
-            let entry =
-                entry_info(&path, &NameTable::load()).map_err(|err| io_error(&path, err))?;
+            let entry = entry_info(&path, &NameTable::load()).map_err(|err| io_error(&path, err))?;
             Ok(StatResponse { entry: Some(entry) })
         })
         .await
@@ -103,8 +99,7 @@ async fn make_dir(State(state): State<Arc<AppState>>, request: Request) -> Respo
                 ));
             }
             create_dirs_owned(&path, &user).map_err(|err| io_error(&path, err))?;
-            let entry =
-                entry_info(&path, &NameTable::load()).map_err(|err| io_error(&path, err))?;
+            let entry = entry_info(&path, &NameTable::load()).map_err(|err| io_error(&path, err))?;
             Ok(MakeDirResponse { entry: Some(entry) })
         })
         .await
@@ -207,22 +202,13 @@ fn watch_error(err: WatchError) -> RpcError {
             RpcError::invalid_argument(err.to_string())
         }
         WatchError::Inotify { .. } | WatchError::Register(_) => {
-            let source = std::error::Error::source(&err)
-                .map(|s| s.to_string())
-                .unwrap_or_default();
+            let source = std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default();
             RpcError::internal(format!("{err}: {source}"))
         }
     }
 }
 
-async fn start_watch(
-    state: &AppState,
-    context: &RpcContext,
-    path: &str,
-    recursive: bool,
-    include_entry: bool,
-    allow_network_mounts: bool,
-) -> Result<DirWatch, RpcError> {
+async fn start_watch(state: &AppState, context: &RpcContext, path: &str, recursive: bool, include_entry: bool, allow_network_mounts: bool) -> Result<DirWatch, RpcError> {
     let user = request_user(state, context)?;
     let options = WatchOptions {
         root: resolve_path(path, &user.home),
@@ -256,9 +242,7 @@ fn watch_stream(
     keepalive: Option<std::time::Duration>,
 ) -> ResponseStream<WatchDirResponse> {
     let start = WatchDirResponse {
-        event: Some(watch_dir_response::Event::Start(
-            watch_dir_response::StartEvent {},
-        )),
+        event: Some(watch_dir_response::Event::Start(watch_dir_response::StartEvent {})),
     };
     let ticker = keepalive.map(|interval| {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -271,10 +255,7 @@ fn watch_stream(
                 event = events.recv() => event.map(watch_dir_response::Event::Filesystem),
                 _ = ticker.tick() => Some(watch_dir_response::Event::Keepalive(watch_dir_response::KeepAlive {})),
             },
-            None => events
-                .recv()
-                .await
-                .map(watch_dir_response::Event::Filesystem),
+            None => events.recv().await.map(watch_dir_response::Event::Filesystem),
         };
         next.map(|event| (WatchDirResponse { event: Some(event) }, (events, ticker)))
     });
@@ -282,54 +263,40 @@ fn watch_stream(
 }
 
 async fn create_watcher(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    connect::unary(
-        request,
-        |context, message: CreateWatcherRequest| async move {
-            let watch = start_watch(
-                &state,
-                &context,
-                &message.path,
-                message.recursive,
-                message.include_entry,
-                message.allow_network_mounts,
-            )
-            .await?;
-            let watcher_id = state.watchers.create(watch);
-            Ok(CreateWatcherResponse { watcher_id })
-        },
-    )
+    connect::unary(request, |context, message: CreateWatcherRequest| async move {
+        let watch = start_watch(
+            &state,
+            &context,
+            &message.path,
+            message.recursive,
+            message.include_entry,
+            message.allow_network_mounts,
+        )
+        .await?;
+        let watcher_id = state.watchers.create(watch);
+        Ok(CreateWatcherResponse { watcher_id })
+    })
     .await
 }
 
 async fn get_watcher_events(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    connect::unary(
-        request,
-        |_context, message: GetWatcherEventsRequest| async move {
-            let events = state
-                .watchers
-                .take_events(&message.watcher_id)
-                .ok_or_else(|| {
-                    RpcError::not_found(format!("watcher {:?} not found", message.watcher_id))
-                })?;
-            Ok(GetWatcherEventsResponse { events })
-        },
-    )
+    connect::unary(request, |_context, message: GetWatcherEventsRequest| async move {
+        let events = state
+            .watchers
+            .take_events(&message.watcher_id)
+            .ok_or_else(|| RpcError::not_found(format!("watcher {:?} not found", message.watcher_id)))?;
+        Ok(GetWatcherEventsResponse { events })
+    })
     .await
 }
 
 async fn remove_watcher(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    connect::unary(
-        request,
-        |_context, message: RemoveWatcherRequest| async move {
-            if !state.watchers.remove(&message.watcher_id) {
-                return Err(RpcError::not_found(format!(
-                    "watcher {:?} not found",
-                    message.watcher_id
-                )));
-            }
-            Ok(RemoveWatcherResponse {})
-        },
-    )
+    connect::unary(request, |_context, message: RemoveWatcherRequest| async move {
+        if !state.watchers.remove(&message.watcher_id) {
+            return Err(RpcError::not_found(format!("watcher {:?} not found", message.watcher_id)));
+        }
+        Ok(RemoveWatcherResponse {})
+    })
     .await
 }
 

@@ -143,9 +143,7 @@ impl ManagedProcess {
             }
         }
         if closed {
-            lock(&self.subscribers)
-                .senders
-                .retain(|sender| !sender.is_closed());
+            lock(&self.subscribers).senders.retain(|sender| !sender.is_closed());
         }
     }
 
@@ -227,24 +225,10 @@ impl ProcessTable {
         lock(&self.processes).insert(pid, process.clone());
 
         let (exited_sender, exited) = watch::channel(false);
-        let stdout_kind = if is_pty {
-            OutputKind::Pty
-        } else {
-            OutputKind::Stdout
-        };
-        let stdout_task = tokio::spawn(pump_output(
-            process.clone(),
-            stdout,
-            stdout_kind,
-            exited.clone(),
-        ));
+        let stdout_kind = if is_pty { OutputKind::Pty } else { OutputKind::Stdout };
+        let stdout_task = tokio::spawn(pump_output(process.clone(), stdout, stdout_kind, exited.clone()));
         let stderr_task = stderr.map(|stderr| {
-            tokio::spawn(pump_output(
-                process.clone(),
-                Arc::new(stderr),
-                OutputKind::Stderr,
-                exited,
-            ))
+            tokio::spawn(pump_output(process.clone(), Arc::new(stderr), OutputKind::Stderr, exited))
         });
 
         let table = self.clone();
@@ -314,9 +298,7 @@ async fn pump_output(
         match source.try_read(&mut buffer) {
             Ok(0) | Err(_) => return,
             Ok(count) => {
-                process
-                    .publish(data_event(kind, Bytes::copy_from_slice(&buffer[..count])))
-                    .await;
+                process.publish(data_event(kind, Bytes::copy_from_slice(&buffer[..count]))).await;
             }
         }
     }
