@@ -275,11 +275,12 @@ async fn pause_resume_fork_and_snapshot_lose_nothing() {
     );
     drop(big_back);
 
-    // A pause that cannot write its state (a full disk) leaves the sandbox running.
+    // A pause that cannot write its state (a 16 KiB file system, smaller than the device
+    // state) leaves the sandbox running.
     let paused_dir = data.sandbox(&id).paused_dir();
     std::fs::create_dir_all(&paused_dir).unwrap();
     assert!(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "hearth-test-full"])
+        .args(["-t", "tmpfs", "-o", "size=16k", "hearth-test-full"])
         .arg(&paused_dir)
         .status()
         .unwrap()
