@@ -17,7 +17,7 @@ pub struct ReconcileReport {
     pub marked_killed: Vec<SandboxId>,
     /// Sandboxes the runtime reported that the database did not list as running; now stopped.
     pub stopped_unknown: Vec<SandboxId>,
-    /// Sandboxes the database listed as running that the node holds paused; now paused.
+    /// Sandboxes the database listed as running that the node keeps paused; now paused.
     pub marked_paused: Vec<SandboxId>,
 }
 
@@ -134,7 +134,7 @@ impl ControlPlane {
             if recorded.contains(sandbox_id) {
                 continue;
             }
-            tracing::warn!(sandbox_id = %sandbox_id, "node holds a paused sandbox the control plane has no record of; deleting it");
+            tracing::warn!(sandbox_id = %sandbox_id, "node has a paused sandbox the control plane has no record of; deleting it");
             if let Err(err) = self.runtime().discard_paused(sandbox_id).await {
                 tracing::error!(sandbox_id = %sandbox_id, error = %err, "failed to delete an unknown paused sandbox");
             }

@@ -292,7 +292,7 @@ pub struct SandboxPauseRequest {
     /// Keep the memory (true, the default); false would keep the filesystem only, which
     /// Hearth does not offer.
     pub memory: Option<bool>,
-    /// Refuse the pause when envd does not answer.
+    /// Reject the pause when envd does not respond.
     #[serde(rename = "requireHealthyGuest")]
     pub require_healthy_guest: Option<bool>,
 }

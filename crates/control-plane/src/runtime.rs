@@ -25,8 +25,8 @@ pub struct SandboxSpec {
     pub env_vars: HashMap<String, String>,
     /// Token envd requires in `X-Access-Token` when the sandbox was created with `secure`.
     pub envd_access_token: Option<String>,
-    /// Token the restored guest's envd already requires, when its snapshot was taken from
-    /// a secured sandbox (a named snapshot); `/init` sends it to be allowed to set the new one.
+    /// Token the restored guest's envd already requires, when the snapshot came from a
+    /// secured sandbox. `/init` sends it so that envd accepts the new token.
     pub previous_access_token: Option<String>,
     /// False when the request set `allow_internet_access: false`: the sandbox must not reach
     /// the internet. True when the request allowed it or left it unset.
@@ -43,7 +43,7 @@ pub struct StartedSandbox {
     pub timings: Vec<(&'static str, std::time::Duration)>,
 }
 
-/// What a pause wrote.
+/// Outcome of a pause.
 #[derive(Clone, Debug)]
 pub struct PausedSandbox {
     /// Bytes the pause wrote (memory and device state).
@@ -76,7 +76,7 @@ pub enum RuntimeError {
     /// Starting or stopping failed. The message names the failed step.
     #[error("{0}")]
     Failed(String),
-    /// A pause (or a snapshot) failed and the sandbox still runs and answers.
+    /// A pause (or a snapshot) failed and the sandbox still runs and responds.
     #[error("{0}; the sandbox is still running")]
     PauseFailedRunning(String),
     /// A pause (or a snapshot) failed and the sandbox could not be kept running: it was

@@ -106,19 +106,7 @@ impl ControlPlane {
         let sandbox_id = SandboxId::generate();
         let envd_access_token = request.secure.then(generate_access_token);
         // A snapshot of a secured sandbox restores an envd that requires that sandbox's token.
-        let previous_access_token = match self
-            .store()
-            .list_snapshots(None, Some(template.template_id.as_str()))
-            .await?
-            .first()
-        {
-            Some(snapshot) => {
-                self.store()
-                    .sandbox_access_token(&snapshot.source_sandbox_id)
-                    .await?
-            }
-            None => None,
-        };
+        let previous_access_token = self.store().snapshot_source_token(&template.template_id).await?;
         let spec = SandboxSpec {
             sandbox_id: sandbox_id.clone(),
             template_id: template.template_id.clone(),

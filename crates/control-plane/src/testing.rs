@@ -20,7 +20,7 @@ pub enum RuntimeCall {
     Fork(SandboxId, Vec<SandboxSpec>),
 }
 
-/// How the next pauses of a [`RecordingRuntime`] fail.
+/// Failure mode of the next pauses of a [`RecordingRuntime`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PauseFailure {
     /// The pause fails and the sandbox keeps running.
@@ -69,7 +69,7 @@ impl RecordingRuntime {
         self.paused.lock().unwrap().extend(ids);
     }
 
-    /// Whether the runtime holds `sandbox_id` paused.
+    /// Returns whether the runtime keeps `sandbox_id` paused.
     pub fn is_paused(&self, sandbox_id: &SandboxId) -> bool {
         self.paused.lock().unwrap().contains(sandbox_id)
     }

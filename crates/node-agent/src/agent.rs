@@ -65,7 +65,7 @@ struct RunningSandbox {
 }
 
 /// A sandbox's entry: `None` once a pause or stop has ended it, so a request that waited
-/// for the lock sees that it is gone.
+/// for the lock finds that it is gone.
 type SandboxCell = Arc<tokio::sync::Mutex<Option<RunningSandbox>>>;
 
 /// Runs sandboxes on this host: implements the control plane's [`SandboxRuntime`] and the
@@ -265,12 +265,13 @@ impl NodeAgent {
         run_dir: &Path,
         timings: &mut StartTimings,
         started: Instant,
-    ) -> Result<(Box<dyn Vm>, Slot), RuntimeError> {
+    ) -> Result<(Box<dyn Vm>, Slot), RestoreFailure> {
+        let before_run = |error| RestoreFailure { error, guest_ran: false };
         let slot = self
             .slots
             .acquire()
             .await
-            .map_err(|err| RuntimeError::Capacity(err.to_string()))?;
+            .map_err(|err| before_run(RuntimeError::Capacity(err.to_string())))?;
         let mark = timings.record("slot", started);
         restore.placement = VmPlacement {
             netns: Some(slot.netns.clone()),
@@ -280,9 +281,9 @@ impl NodeAgent {
             Ok(vm) => vm,
             Err(err) => {
                 self.release_slot(&spec.sandbox_id, slot).await;
-                return Err(RuntimeError::Failed(format!(
+                return Err(before_run(RuntimeError::Failed(format!(
                     "failed to restore the snapshot: {err}"
-                )));
+                ))));
             }
         };
         let mark = timings.record("vmm_restore", mark);
@@ -291,9 +292,27 @@ impl NodeAgent {
                 tracing::error!(sandbox_id = %spec.sandbox_id, error = %stop_err, "failed to stop the VM of a failed start");
             }
             self.release_slot(&spec.sandbox_id, slot).await;
-            return Err(err);
+            // The restore had resumed the guest, so it may have written to its disk.
+            return Err(RestoreFailure { error: err, guest_ran: true });
         }
         Ok((vm, slot))
+    }
+
+    /// Like [`NodeAgent::restore_in_new_slot`] for a sandbox that did not exist before
+    /// (a create or a fork): on error its run directory is removed too.
+    async fn restore_new_sandbox(
+        &self,
+        spec: &SandboxSpec,
+        restore: RestoreSpec,
+        run_dir: &Path,
+        timings: &mut StartTimings,
+        mark: Instant,
+    ) -> Result<(Box<dyn Vm>, Slot), RuntimeError> {
+        let restored = self.restore_in_new_slot(spec, restore, run_dir, timings, mark).await;
+        restored.map_err(|failure| {
+            remove_dir(&spec.sandbox_id, run_dir);
+            failure.error
+        })
     }
 
     /// Applies the egress rule and initialises envd once it accepts connections. The
@@ -354,7 +373,7 @@ impl NodeAgent {
         remove_dir(sandbox_id, &sandbox.run_dir);
     }
 
-    /// After a failed snapshot: runs the guest again and checks that envd answers. On
+    /// After a failed snapshot: runs the guest again and checks that envd responds. On
     /// success the sandbox is put back; otherwise it is destroyed. Returns the error to report.
     async fn recover_from_failed_snapshot(
         &self,
@@ -535,16 +554,9 @@ impl NodeAgent {
                 run_dir: run_dir.clone(),
             },
         };
-        let (vm, slot) = match self
-            .restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark)
-            .await
-        {
-            Ok(started) => started,
-            Err(err) => {
-                remove_dir(&spec.sandbox_id, &run_dir);
-                return Err(err);
-            }
-        };
+        let (vm, slot) = self
+            .restore_new_sandbox(&spec, restore, &run_dir, &mut timings, mark)
+            .await?;
         let envd_version = template.manifest.envd_version.clone();
         tracing::info!(sandbox_id = %spec.sandbox_id, vmm_pid = vm.pid(), start_ms = started.elapsed().as_secs_f64() * 1000.0, "sandbox started from a checkpoint");
         self.insert_running(
@@ -567,6 +579,14 @@ impl NodeAgent {
             timings: timings.phases,
         })
     }
+}
+
+/// A failed [`NodeAgent::restore_in_new_slot`].
+struct RestoreFailure {
+    error: RuntimeError,
+    /// Whether the guest ran before the failure (envd or the egress rule failed after the
+    /// restore), so that its disk may no longer match the snapshot.
+    guest_ran: bool,
 }
 
 /// Files a checkpoint wrote.
@@ -652,16 +672,9 @@ impl SandboxRuntime for NodeAgent {
                 run_dir: run_dir.clone(),
             },
         };
-        let (vm, slot) = match self
-            .restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark)
-            .await
-        {
-            Ok(started) => started,
-            Err(err) => {
-                remove_dir(&spec.sandbox_id, &run_dir);
-                return Err(err);
-            }
-        };
+        let (vm, slot) = self
+            .restore_new_sandbox(&spec, restore, &run_dir, &mut timings, mark)
+            .await?;
 
         tracing::info!(
             sandbox_id = %spec.sandbox_id,
@@ -896,14 +909,20 @@ impl SandboxRuntime for NodeAgent {
             .await
         {
             Ok(started) => started,
-            Err(err) => {
-                // Nothing ran long enough to change the disk meaningfully? It did not run
-                // at all unless envd init failed; the state stays resumable either way
-                // because the restore's writes happen only after the guest runs.
+            Err(RestoreFailure { error, guest_ran: false }) => {
+                // The guest never ran, so the saved state still matches the disk and a
+                // later resume can try again.
                 if let Err(rename_err) = std::fs::rename(&resuming, paths.pause_record()) {
                     tracing::error!(sandbox_id = %sandbox_id, error = %rename_err, "failed to restore the pause record after a failed resume");
                 }
-                return Err(err);
+                return Err(error);
+            }
+            Err(RestoreFailure { error, guest_ran: true }) => {
+                // The guest ran and may have changed its disk (and, for QEMU, its memory
+                // file) after the saved device state: resuming that state again could
+                // corrupt it. The record stays renamed, so the state counts as lost.
+                tracing::error!(sandbox_id = %sandbox_id, error = %error, "resumed guest failed after it ran; its paused state is no longer usable");
+                return Err(unusable(format!("the resumed guest failed after it ran ({error}), so its saved state no longer matches its disk")));
             }
         };
         // The device state is consumed. The memory file stays: the VM maps it, and the

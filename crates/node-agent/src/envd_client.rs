@@ -108,7 +108,7 @@ impl EnvdClient {
 }
 
 impl EnvdClient {
-    /// Waits until envd answers `GET /health`, retrying until `deadline` passes.
+    /// Waits until envd responds to `GET /health`, retrying until `deadline` passes.
     pub async fn health(&self, address: Ipv4Addr, deadline: Duration) -> Result<(), EnvdError> {
         let url = format!("http://{address}:{ENVD_PORT}/health");
         let started = Instant::now();

@@ -6,13 +6,16 @@
 //! directory, as `scripts/test.sh` sets it. Without it the test prints why and passes
 //! without running.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{template_from_env, vmm_pids, SweepOnDrop};
 use hearth_control_plane::runtime::{RuntimeError, SandboxRuntime, SandboxSpec, SnapshotSpec};
 use hearth_network::{InstanceId, SlotPool, SlotPoolConfig};
 use hearth_node_agent::{NodeAgent, NodeConfig};
@@ -25,29 +28,6 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 const TOKEN: &str = "pause-test-token";
-
-fn template_from_env() -> Option<(PathBuf, TemplateId, BuildId)> {
-    let dir = PathBuf::from(std::env::var_os("HEARTH_TEST_TEMPLATE_DIR")?);
-    let build = dir.file_name()?.to_str()?.to_owned();
-    let template = dir.parent()?.file_name()?.to_str()?.to_owned();
-    let data_dir = dir.parent()?.parent()?.parent()?.to_path_buf();
-    Some((
-        data_dir,
-        TemplateId::parse(&template).ok()?,
-        BuildId::parse(&build).ok()?,
-    ))
-}
-
-/// Removes the instance's network slots when dropped, also after a failed assertion.
-struct SweepOnDrop(InstanceId);
-
-impl Drop for SweepOnDrop {
-    fn drop(&mut self) {
-        if let Err(err) = hearth_network::sweep::sweep_instance(&self.0) {
-            eprintln!("failed to sweep instance {}: {err}", self.0.as_str());
-        }
-    }
-}
 
 /// Unmounts a test mount when dropped.
 struct MountGuard(PathBuf);
@@ -124,7 +104,7 @@ impl Guest {
         matches!(self.http.get(self.url("/health")).timeout(Duration::from_secs(5)).send().await, Ok(r) if r.status().is_success())
     }
 
-    /// The guest's wall clock in seconds, from envd's metrics.
+    /// Returns the guest's wall clock in seconds, from envd's metrics.
     async fn clock_secs(&self) -> i64 {
         let metrics: serde_json::Value = self
             .http
@@ -152,21 +132,6 @@ fn spec(template_id: &TemplateId, build_id: &BuildId, vcpus: u32, memory_mib: u3
         previous_access_token: None,
         allow_internet_access: true,
     }
-}
-
-fn vmm_pids(run_dir: &Path) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|cmdline| {
-                    String::from_utf8_lossy(&cmdline).contains(run_dir.to_str().unwrap())
-                })
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 fn now_secs() -> i64 {

@@ -5,46 +5,24 @@
 //! directory (`<data-dir>/templates/<template>/<build>`), as `scripts/test.sh` sets it.
 //! Without it the test prints why and passes without running.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{template_from_env, vmm_pids, SweepOnDrop};
 use hearth_control_plane::runtime::{RuntimeError, SandboxRuntime, SandboxSpec};
 use hearth_network::{InstanceId, SlotPool, SlotPoolConfig};
 use hearth_node_agent::{NodeAgent, NodeConfig};
 use hearth_proxy::RouteTable;
 use hearth_storage::DataDir;
-use hearth_types::{BuildId, SandboxId, TemplateId};
+use hearth_types::SandboxId;
 use hearth_vmm::QemuDriver;
-
-/// Splits a template build directory into its data dir, template ID and build ID.
-fn template_from_env() -> Option<(PathBuf, TemplateId, BuildId)> {
-    let dir = PathBuf::from(std::env::var_os("HEARTH_TEST_TEMPLATE_DIR")?);
-    let build = dir.file_name()?.to_str()?.to_owned();
-    let template = dir.parent()?.file_name()?.to_str()?.to_owned();
-    let data_dir = dir.parent()?.parent()?.parent()?.to_path_buf();
-    Some((
-        data_dir,
-        TemplateId::parse(&template).ok()?,
-        BuildId::parse(&build).ok()?,
-    ))
-}
 
 fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
-}
-
-/// Removes the instance's namespaces, host interfaces and nftables table when dropped, so a
-/// failing assertion leaves nothing behind either.
-struct SweepOnDrop(InstanceId);
-
-impl Drop for SweepOnDrop {
-    fn drop(&mut self) {
-        if let Err(err) = hearth_network::sweep::sweep_instance(&self.0) {
-            eprintln!("failed to sweep instance {}: {err}", self.0.as_str());
-        }
-    }
 }
 
 fn process_exists(pid: u32) -> bool {
@@ -125,18 +103,7 @@ async fn vm_start_init_and_stop_cleanly() {
         .sandbox(&sandbox_id)
         .dir()
         .to_path_buf();
-    let vmm_pids: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|cmdline| {
-                    String::from_utf8_lossy(&cmdline).contains(run_dir.to_str().unwrap())
-                })
-                .unwrap_or(false)
-        })
-        .collect();
+    let vmm_pids = vmm_pids(&run_dir);
     assert_eq!(
         vmm_pids.len(),
         1,

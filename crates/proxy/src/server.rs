@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use hearth_types::guest::ENVD_PORT;
 
 use crate::error::ProxyError;
-use crate::resolve::SandboxResolver;
+use crate::resolve::{backend_host, SandboxResolver};
 use crate::forward::{prepare_request, root_cause, strip_hop_by_hop, wants_upgrade};
 use crate::route::{Route, RouteTable};
 use crate::target::{Target, TRAFFIC_ACCESS_TOKEN_HEADER};
@@ -182,7 +182,7 @@ impl Proxy {
         // sandbox that moved (a resume into another slot) or of an address that passed to
         // another sandbox are never reused. Sandbox IDs are DNS labels ([a-z0-9]) and the
         // address is written with dashes, so both form a valid authority.
-        let authority = format!("{}.{}:{}", target.sandbox_id, route.address.to_string().replace('.', "-"), target.port);
+        let authority = format!("{}:{}", backend_host(&target.sandbox_id, route.address), target.port);
         prepare_request(&mut parts, &authority, client, upgrade);
         let request = Request::from_parts(parts, body);
 

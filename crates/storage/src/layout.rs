@@ -155,7 +155,7 @@ impl SandboxPaths {
         self.dir.join("paused")
     }
 
-    /// The pause record; its presence marks the sandbox as paused on disk.
+    /// Returns the path of the pause record, whose presence marks the sandbox as paused on disk.
     pub fn pause_record(&self) -> PathBuf {
         self.paused_dir().join("pause.json")
     }

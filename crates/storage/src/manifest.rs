@@ -87,7 +87,7 @@ fn default_vmm() -> String {
     "qemu".into()
 }
 
-/// Where the memory and disk of a snapshot build are.
+/// Location of the memory and disk of a snapshot build.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotOrigin {

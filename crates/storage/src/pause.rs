@@ -61,15 +61,15 @@ pub struct PauseRecord {
     /// Virtual CPUs and memory of the VM.
     pub vcpus: u32,
     pub memory_mib: u32,
-    /// Memory file that holds the RAM when `memory_in_vmstate` is false; otherwise the
+    /// Memory file that contains the RAM when `memory_in_vmstate` is false; otherwise the
     /// template's memory file.
     pub memory_file: PathBuf,
     /// Device state file.
     pub vmstate_file: PathBuf,
     /// Whether the device state file carries every page of RAM (QEMU after a first
-    /// pause); false when the memory file holds it.
+    /// pause); false when the memory file contains it.
     pub memory_in_vmstate: bool,
-    /// The sandbox's disk, which holds every write since the sandbox started.
+    /// The sandbox's disk, which contains every write since the sandbox started.
     pub disk_file: PathBuf,
     /// `qcow2` or `raw`.
     pub disk_format: String,

@@ -7,6 +7,7 @@
 
 pub mod accel;
 pub mod firecracker;
+mod log_tail;
 pub mod qemu;
 pub mod qmp;
 pub mod sandbox;
@@ -213,7 +214,7 @@ pub struct SnapshotReport {
 /// A VMM driver: starts virtual machines.
 #[async_trait]
 pub trait VmmDriver: Send + Sync {
-    /// The VMM this driver runs.
+    /// Returns the VMM this driver runs.
     fn kind(&self) -> VmmKind;
 
     /// Boots a guest from its kernel and returns once the VMM runs it.
@@ -229,7 +230,7 @@ pub trait Vm: Send + Sync {
     /// Process ID of the VMM.
     fn pid(&self) -> u32;
 
-    /// Whether the VMM process is still alive.
+    /// Returns whether the VMM process is still alive.
     fn is_running(&mut self) -> bool;
 
     /// File holding the guest's serial console output.

@@ -28,6 +28,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use crate::accel::{choose_accel, Accel, AccelChoice};
+use crate::log_tail::read_tail;
 use crate::qmp::{QmpClient, QmpError};
 use crate::{
     BootSpec, DiskFormat, DiskSpec, MachineSize, RestoreSpec, SnapshotMemory, SnapshotReport,
@@ -45,8 +46,6 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Name under which a snapshot's file descriptor is handed to QEMU.
 const SNAPSHOT_FD_NAME: &str = "hearth-snapshot";
-/// Bytes of `vmm.log` quoted in errors.
-const LOG_TAIL_BYTES: u64 = 2048;
 
 /// File names in the run directory.
 const CONSOLE_LOG: &str = "console.log";
@@ -756,18 +755,6 @@ fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// Returns the last bytes of a log file, or a note saying why it cannot be read.
-fn read_tail(path: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = File::open(path) else {
-        return format!("({} cannot be read)", path.display());
-    };
-    let len = file.metadata().map(|meta| meta.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
-    let mut tail = Vec::new();
-    let _ = file.read_to_end(&mut tail);
-    String::from_utf8_lossy(&tail).trim().to_owned()
-}
 
 #[cfg(test)]
 mod tests {

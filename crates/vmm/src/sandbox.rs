@@ -75,7 +75,7 @@ impl SnapshotTemplate {
         }
     }
 
-    /// The build's disk: the root filesystem of a booted template, or a snapshot's disk.
+    /// Returns the build's disk: the root filesystem of a booted template, or a snapshot's disk.
     pub fn disk(&self) -> DiskSpec {
         match &self.manifest.snapshot {
             Some(origin) => DiskSpec {
@@ -93,10 +93,9 @@ impl SnapshotTemplate {
         }
     }
 
-    /// Creates the sandbox's disk in `run_dir` and returns it. For QEMU it is
-    /// `disk.qcow2`, a new overlay over the build's disk whose cost does not depend on the
-    /// image size; for Firecracker, which reads raw images only, `disk.raw`, a reflink or
-    /// sparse copy of the build's raw disk.
+    /// Creates the sandbox's disk in `run_dir` and returns it. For QEMU it is `disk.qcow2`,
+    /// a new overlay over the build's disk that costs the same whatever the image size.
+    /// Firecracker reads raw images only, so it gets `disk.raw`, a reflink or sparse copy.
     pub fn create_disk(
         &self,
         run_dir: &Path,

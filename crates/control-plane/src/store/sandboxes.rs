@@ -304,18 +304,6 @@ impl Store {
         Ok(())
     }
 
-    /// The envd access token of a sandbox in any state, including killed.
-    pub async fn sandbox_access_token(&self, sandbox_id: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT envd_access_token FROM sandboxes WHERE sandbox_id = $1")
-            .bind(sandbox_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            Some(row) => row.try_get("envd_access_token")?,
-            None => None,
-        })
-    }
-
     /// Sets whether traffic through the proxy resumes the sandbox while it is paused.
     pub async fn set_sandbox_auto_resume(&self, sandbox_id: &SandboxId, auto_resume: bool) -> Result<(), StoreError> {
         sqlx::query("UPDATE sandboxes SET auto_resume = $2 WHERE sandbox_id = $1")
@@ -359,7 +347,7 @@ impl Store {
         Ok(result.rows_affected() > 0)
     }
 
-    /// Why a killed sandbox ended, when something other than a request ended it.
+    /// Returns why a killed sandbox ended, when something other than a request ended it.
     pub async fn sandbox_end_reason(&self, sandbox_id: &SandboxId) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT end_reason FROM sandboxes WHERE sandbox_id = $1 AND state = 'killed'")
             .bind(sandbox_id.as_str())

@@ -46,6 +46,22 @@ impl Store {
         Ok(())
     }
 
+    /// Returns the envd access token of the sandbox that `template_id` was snapshotted
+    /// from, or `None` when the template is no snapshot or its source was not secured.
+    pub async fn snapshot_source_token(&self, template_id: &TemplateId) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query(
+            "SELECT b.envd_access_token FROM snapshots s JOIN sandboxes b ON b.sandbox_id = s.source_sandbox_id \
+             WHERE s.snapshot_id = $1",
+        )
+        .bind(template_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(row) => row.try_get("envd_access_token")?,
+            None => None,
+        })
+    }
+
     /// Returns whether `snapshot_id` is a snapshot (not a built template).
     pub async fn is_snapshot(&self, snapshot_id: &TemplateId) -> Result<bool, StoreError> {
         let row = sqlx::query("SELECT 1 FROM snapshots WHERE snapshot_id = $1")

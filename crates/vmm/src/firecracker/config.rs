@@ -266,7 +266,7 @@ pub const NET_IFACE_ID: &str = "eth0";
 /// Drive name of the root disk.
 pub const ROOT_DRIVE_ID: &str = "rootfs";
 
-/// Files and values of one boot, as Firecracker sees them: paths are inside the jail when a
+/// Files and values of one boot, as Firecracker opens them: paths are inside the jail when a
 /// jailer runs Firecracker.
 #[derive(Clone, Debug)]
 pub struct BootPlan {

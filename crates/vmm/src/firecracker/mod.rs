@@ -42,6 +42,7 @@ pub use api::{ApiClient, ApiError, ApiResponse};
 pub use config::{ApiRequest, BootPlan, LogLevel, SnapshotType, VmRunState};
 pub use jailer::JailerConfig;
 
+use crate::log_tail::read_tail;
 use crate::{
     BootSpec, DiskFormat, RestoreSpec, SnapshotMemory, SnapshotReport, SnapshotTarget, Vm,
     VmPlacement, VmmDriver, VmmError, VmmKind,
@@ -64,8 +65,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a snapshot gets to write device state and memory.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
-/// Bytes of each log quoted in errors.
-const LOG_TAIL_BYTES: u64 = 2048;
 
 const VMM_LOG: &str = "vmm.log";
 const FC_LOG: &str = "fc.log";
@@ -132,7 +131,7 @@ impl FirecrackerDriver {
         }))
     }
 
-    /// The driver's settings.
+    /// Settings of the driver.
     pub fn config(&self) -> &FirecrackerConfig {
         &self.config
     }
@@ -379,7 +378,7 @@ struct Jail {
     owner: (u32, u32),
 }
 
-/// Where the API socket is, for Firecracker and for Hearth.
+/// Location of the API socket, for Firecracker and for Hearth.
 #[derive(Clone, Debug)]
 struct SocketPaths {
     /// `--api-sock` value, inside the jail when there is one.
@@ -507,7 +506,7 @@ impl FirecrackerVm {
         }
     }
 
-    /// Builds the boot requests' values, with paths as Firecracker sees them.
+    /// Builds the boot requests' values, with paths as Firecracker opens them.
     fn boot_plan(
         &self,
         spec: &BootSpec,
@@ -647,7 +646,7 @@ impl FirecrackerVm {
         self.error(message)
     }
 
-    /// The ends of `fc.log` and `vmm.log`.
+    /// Returns the ends of `fc.log` and `vmm.log`.
     fn log_tail(&self) -> String {
         format!(
             "{FC_LOG}: {} | {VMM_LOG}: {}",
@@ -733,9 +732,9 @@ impl FirecrackerVm {
         vmstate_temp
             .persist(&target.vmstate)
             .map_err(prepare("snapshot state file", &target.vmstate))?;
-        sync_dir(memory_dir).map_err(prepare("snapshot directory", memory_dir))?;
+        hearth_storage::durable::sync_dir(memory_dir).map_err(prepare("snapshot directory", memory_dir))?;
         if vmstate_dir != memory_dir {
-            sync_dir(vmstate_dir).map_err(prepare("snapshot directory", vmstate_dir))?;
+            hearth_storage::durable::sync_dir(vmstate_dir).map_err(prepare("snapshot directory", vmstate_dir))?;
         }
         Ok(memory_bytes)
     }
@@ -832,7 +831,7 @@ impl Vm for FirecrackerVm {
             }
         }
         if let Some(jail) = self.jail.take() {
-            // The jail holds hard links and copies only, so removing it leaves the originals.
+            // The jail contains hard links and copies only, so removing it leaves the originals.
             if let Err(err) = std::fs::remove_dir_all(&jail.dir) {
                 if err.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(pid = self.pid, dir = %jail.dir.display(), %err, "failed to remove jail");
@@ -932,22 +931,7 @@ fn parent_dir(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), std::io::Error> {
-    File::open(dir)?.sync_all()
-}
 
-/// Returns the last bytes of a log file, or a note saying why it cannot be read.
-fn read_tail(path: &Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = File::open(path) else {
-        return format!("({} cannot be read)", path.display());
-    };
-    let len = file.metadata().map(|meta| meta.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
-    let mut tail = Vec::new();
-    let _ = file.read_to_end(&mut tail);
-    String::from_utf8_lossy(&tail).trim().to_owned()
-}
 
 #[cfg(test)]
 mod tests {
