@@ -12,18 +12,15 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{template_from_env, vmm_pids, SweepOnDrop};
+use common::{start_node, template_from_env, vmm_pids};
 use hearth_control_plane::runtime::{RuntimeError, SandboxRuntime, SandboxSpec, SnapshotSpec};
-use hearth_network::{InstanceId, SlotPool, SlotPoolConfig};
-use hearth_node_agent::{NodeAgent, NodeConfig};
+use hearth_node_agent::NodeAgent;
 use hearth_proxy::RouteTable;
 use hearth_storage::DataDir;
 use hearth_types::guest::ENVD_PORT;
 use hearth_types::{BuildId, SandboxId, TemplateId};
-use hearth_vmm::QemuDriver;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
@@ -152,19 +149,7 @@ async fn pause_resume_fork_and_snapshot_lose_nothing() {
         &data.template_build(&template_id, &build_id).manifest(),
     )
     .unwrap();
-    let instance = InstanceId::from_data_dir(&data_root).unwrap();
-    let _sweep = SweepOnDrop(instance.clone());
-    let mut pool_config = SlotPoolConfig::new(instance);
-    pool_config.ready_target = 2;
-    let slots = SlotPool::start(pool_config).await.unwrap();
-    let node = Arc::new(NodeAgent::new(
-        NodeConfig {
-            data_dir: data.clone(),
-            envd_ready_timeout: Duration::from_secs(60),
-        },
-        Arc::new(QemuDriver::from_env()),
-        slots,
-    ));
+    let (_sweep, node) = start_node(&data_root, 2).await;
     let new_spec = || spec(&template_id, &build_id, manifest.vcpus, manifest.memory_mib);
 
     // Five pause/resume cycles with writes between them, and a 100 MiB file.

@@ -9,17 +9,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
-use common::{template_from_env, vmm_pids, SweepOnDrop};
+use common::{start_node, template_from_env, vmm_pids};
 use hearth_control_plane::runtime::{RuntimeError, SandboxRuntime, SandboxSpec};
-use hearth_network::{InstanceId, SlotPool, SlotPoolConfig};
-use hearth_node_agent::{NodeAgent, NodeConfig};
+use hearth_network::InstanceId;
 use hearth_proxy::RouteTable;
 use hearth_storage::DataDir;
 use hearth_types::SandboxId;
-use hearth_vmm::QemuDriver;
 
 fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
@@ -42,19 +38,7 @@ async fn vm_start_init_and_stop_cleanly() {
     )
     .unwrap();
 
-    let instance = InstanceId::from_data_dir(&data_root).unwrap();
-    let _sweep = SweepOnDrop(instance.clone());
-    let mut pool_config = SlotPoolConfig::new(instance);
-    pool_config.ready_target = 1;
-    let slots = SlotPool::start(pool_config).await.unwrap();
-    let node = Arc::new(NodeAgent::new(
-        NodeConfig {
-            data_dir: DataDir::new(&data_root),
-            envd_ready_timeout: Duration::from_secs(60),
-        },
-        Arc::new(QemuDriver::from_env()),
-        slots,
-    ));
+    let (_sweep, node) = start_node(&data_root, 1).await;
 
     let sandbox_id = SandboxId::generate();
     let spec = SandboxSpec {

@@ -41,3 +41,26 @@ pub fn vmm_pids(run_dir: &Path) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Starts a node agent with the QEMU driver over `data_root`, keeping `ready_slots` network
+/// slots prepared. Bind the result as `let (_sweep, node) = ...` so that the node drops
+/// before its slots are swept.
+pub async fn start_node(
+    data_root: &Path,
+    ready_slots: usize,
+) -> (SweepOnDrop, std::sync::Arc<hearth_node_agent::NodeAgent>) {
+    let instance = InstanceId::from_data_dir(data_root).unwrap();
+    let sweep = SweepOnDrop(instance.clone());
+    let mut pool_config = hearth_network::SlotPoolConfig::new(instance);
+    pool_config.ready_target = ready_slots;
+    let slots = hearth_network::SlotPool::start(pool_config).await.unwrap();
+    let node = hearth_node_agent::NodeAgent::new(
+        hearth_node_agent::NodeConfig {
+            data_dir: hearth_storage::DataDir::new(data_root),
+            envd_ready_timeout: std::time::Duration::from_secs(60),
+        },
+        std::sync::Arc::new(hearth_vmm::QemuDriver::from_env()),
+        slots,
+    );
+    (sweep, std::sync::Arc::new(node))
+}
