@@ -16,7 +16,7 @@ async fn state_of(h: &Harness, id: &str) -> String {
 }
 
 #[tokio::test]
-async fn pause_then_resume_moves_the_state_and_lists_by_state() {
+async fn pause_resume_moves_state_and_list() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
 
@@ -77,7 +77,7 @@ async fn connect_resumes_a_paused_sandbox() {
 }
 
 #[tokio::test]
-async fn failed_pause_that_keeps_the_guest_leaves_it_running() {
+async fn failed_pause_keeps_sandbox_running() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
     h.runtime.fail_pauses(Some(PauseFailure::KeepsRunning));
@@ -99,7 +99,7 @@ async fn failed_pause_that_keeps_the_guest_leaves_it_running() {
 }
 
 #[tokio::test]
-async fn failed_pause_that_loses_the_guest_marks_it_killed_with_the_reason() {
+async fn failed_pause_kills_with_reason() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
     h.runtime.fail_pauses(Some(PauseFailure::Killed));
@@ -124,7 +124,7 @@ async fn failed_pause_that_loses_the_guest_marks_it_killed_with_the_reason() {
 }
 
 #[tokio::test]
-async fn auto_pause_pauses_at_the_timeout_instead_of_killing() {
+async fn auto_pause_at_timeout() {
     let h = harness().await;
     let id = h
         .create(json!({"templateID": "base", "timeout": 1, "autoPause": true}))
@@ -152,7 +152,7 @@ async fn kill_of_a_paused_sandbox_deletes_its_state() {
 }
 
 #[tokio::test]
-async fn fork_returns_one_sandbox_per_count_and_rejects_bad_counts() {
+async fn fork_count_and_bad_counts() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
 
@@ -183,7 +183,7 @@ async fn fork_returns_one_sandbox_per_count_and_rejects_bad_counts() {
 }
 
 #[tokio::test]
-async fn snapshot_registers_a_template_that_creates_sandboxes() {
+async fn snapshot_registers_template() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
 
@@ -231,7 +231,7 @@ async fn snapshot_registers_a_template_that_creates_sandboxes() {
 }
 
 #[tokio::test]
-async fn restart_keeps_paused_sandboxes_and_reports_lost_ones() {
+async fn restart_keeps_paused_sandboxes() {
     let data_dir = tempfile::tempdir().unwrap();
     let h = harness_in(data_dir, RecordingRuntime::new()).await;
     let kept = h.create(json!({"templateID": "base"})).await;

@@ -32,7 +32,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn write_atomic_replaces_content_and_leaves_no_temporary_file() {
+    fn write_atomic_replaces_content() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         write_atomic(&path, b"one").unwrap();

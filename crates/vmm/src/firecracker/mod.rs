@@ -949,7 +949,7 @@ mod tests {
     }
 
     #[test]
-    fn socket_of_deep_run_dir_moves_to_run_hearth() {
+    fn deep_run_dir_socket_moves() {
         let deep = PathBuf::from("/").join("d".repeat(120));
 
         let sockets = SocketPaths::choose(&deep, None, "vm-deep").unwrap();
@@ -969,7 +969,7 @@ mod tests {
     }
 
     #[test]
-    fn vm_ids_are_unique_and_valid_for_the_jailer() {
+    fn vm_ids_unique_and_valid() {
         let first = new_vm_id();
         let second = new_vm_id();
 
