@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod builds;
 pub mod error;
 mod lifecycle;
 pub mod models;
