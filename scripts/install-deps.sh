@@ -14,6 +14,7 @@ venv="${HEARTH_VENV:-/opt/hearth-venv}"
 packages=(
     qemu-system-x86 qemu-utils debootstrap busybox-static e2fsprogs cpio xz-utils zstd
     nftables iproute2 conntrack curl ca-certificates python3-venv build-essential pkg-config unzip
+    docker-registry bash-static
 )
 missing=()
 for package in "${packages[@]}"; do

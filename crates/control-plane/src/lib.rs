@@ -14,6 +14,11 @@ mod pausing;
 pub mod runtime;
 mod sandboxes;
 pub mod store;
+mod template_builds;
+pub mod template_files;
+pub mod template_models;
+pub mod template_names;
+mod template_tags;
 pub mod testing;
 mod validate;
 
@@ -24,10 +29,13 @@ use std::time::Duration;
 use hearth_types::BuildId;
 use tokio::sync::watch;
 
+use crate::builds::TemplateBuilder;
 use crate::runtime::SandboxRuntime;
 use crate::store::{CreatedApiKey, Store, StoreError};
+use crate::template_files::{FileStore, FileStoreError};
 
 pub use crate::lifecycle::ReconcileReport;
+pub use crate::template_builds::{BASE_TEMPLATE_ALIAS, INTERRUPTED_BUILD_REASON};
 
 /// Default maximum sandbox timeout: 24 hours, the limit the e2b 2.63.0 SDK documents for
 /// E2B's Pro tier (`Sandbox.create`'s `timeout` parameter).
@@ -85,6 +93,9 @@ pub enum BuildError {
     /// The configured maximum timeout is zero.
     #[error("invalid max_timeout {0:?}: must be at least one second")]
     InvalidMaxTimeout(Duration),
+    /// The directory of uploaded template files or its token secret could not be set up.
+    #[error("failed to open the template file store")]
+    Files(#[from] FileStoreError),
 }
 
 /// Shared state of the control plane. Cloning is cheap and shares everything.
@@ -96,6 +107,10 @@ pub struct ControlPlane {
 struct Inner {
     store: Store,
     runtime: Arc<dyn SandboxRuntime>,
+    /// Builds templates; without one the build routes return 501.
+    template_builder: Option<Arc<dyn TemplateBuilder>>,
+    /// Files uploaded for template builds.
+    files: FileStore,
     config: ControlPlaneConfig,
     /// SHA-256 hashes of `config.api_keys_from_env`.
     env_key_hashes: Vec<String>,
@@ -108,11 +123,23 @@ struct Inner {
 }
 
 /// Opens the store, reconciles it with the runtime and returns the API router and the
-/// control plane. The router serves `/openapi.json` and `/health` without a key and every
-/// other route behind `X-API-Key`.
+/// control plane, without a template builder: the build routes return 501. See
+/// [`build_with_template_builder`].
 pub async fn build(
     config: ControlPlaneConfig,
     runtime: Arc<dyn SandboxRuntime>,
+) -> Result<(axum::Router, ControlPlane), BuildError> {
+    build_with_template_builder(config, runtime, None).await
+}
+
+/// Opens the store, reconciles it with the runtime, marks builds that a previous run left
+/// unfinished as failed, and returns the API router and the control plane. The router
+/// serves `/openapi.json`, `/health` and the signed file upload route without a key and
+/// every other route behind `X-API-Key`.
+pub async fn build_with_template_builder(
+    config: ControlPlaneConfig,
+    runtime: Arc<dyn SandboxRuntime>,
+    template_builder: Option<Arc<dyn TemplateBuilder>>,
 ) -> Result<(axum::Router, ControlPlane), BuildError> {
     for (index, key) in config.api_keys_from_env.iter().enumerate() {
         if !auth::is_valid_api_key_format(key) {
@@ -124,6 +151,7 @@ pub async fn build(
     }
 
     let store = Store::open(&config.data_dir).await?;
+    let files = FileStore::open(&config.data_dir)?;
     let env_key_hashes = config
         .api_keys_from_env
         .iter()
@@ -133,6 +161,8 @@ pub async fn build(
         inner: Arc::new(Inner {
             store,
             runtime,
+            template_builder,
+            files,
             config,
             env_key_hashes,
             shutting_down: watch::Sender::new(false),
@@ -141,6 +171,7 @@ pub async fn build(
     };
 
     control_plane.reconcile().await?;
+    control_plane.recover_builds().await?;
     let router = api::router(control_plane.clone());
     Ok((router, control_plane))
 }
@@ -154,6 +185,11 @@ impl ControlPlane {
     /// Returns the configuration the control plane was built with.
     pub fn config(&self) -> &ControlPlaneConfig {
         &self.inner.config
+    }
+
+    /// Returns the store of files uploaded for template builds.
+    pub fn files(&self) -> &FileStore {
+        &self.inner.files
     }
 
     pub(crate) fn runtime(&self) -> &dyn SandboxRuntime {

@@ -1,5 +1,6 @@
 //! An in-process [`SandboxRuntime`] that records calls, for tests of the control plane and
-//! of code built on it. It starts nothing: sandboxes exist only in its table.
+//! of code built on it. It starts nothing: sandboxes exist only in its table. Also a
+//! [`RecordingBuilder`], a [`crate::builds::TemplateBuilder`] that records build specs.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -210,5 +211,83 @@ impl SandboxRuntime for RecordingRuntime {
                 Ok(StartedSandbox { envd_version: hearth_types::ENVD_VERSION.to_owned(), timings: Vec::new() })
             })
             .collect())
+    }
+}
+
+/// A template builder that records every spec, writes a configurable number of log lines
+/// and then succeeds or fails as told. It builds nothing.
+pub struct RecordingBuilder {
+    specs: Mutex<Vec<crate::builds::BuildSpec>>,
+    failure: Mutex<Option<crate::builds::BuildFailure>>,
+    log_lines: Mutex<usize>,
+    /// While true, builds wait before they finish.
+    held: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for RecordingBuilder {
+    fn default() -> Self {
+        Self {
+            specs: Mutex::new(Vec::new()),
+            failure: Mutex::new(None),
+            log_lines: Mutex::new(3),
+            held: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl RecordingBuilder {
+    /// Creates a builder whose builds succeed after three log lines.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes later builds fail with `message` at `step`, or succeed again with `None`.
+    pub fn fail_builds(&self, failure: Option<(&str, Option<&str>)>) {
+        *self.failure.lock().unwrap() = failure.map(|(message, step)| crate::builds::BuildFailure {
+            message: message.to_owned(),
+            step: step.map(str::to_owned),
+        });
+    }
+
+    /// Sets how many log lines each build writes: `line 0`, `line 1`, ... at level info.
+    pub fn set_log_lines(&self, count: usize) {
+        *self.log_lines.lock().unwrap() = count;
+    }
+
+    /// Holds builds (true) before they finish, or releases them (false).
+    pub fn hold_builds(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+
+    /// Specs of the builds started so far, in order.
+    pub fn specs(&self) -> Vec<crate::builds::BuildSpec> {
+        self.specs.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl crate::builds::TemplateBuilder for RecordingBuilder {
+    async fn build(
+        &self,
+        spec: crate::builds::BuildSpec,
+        log: std::sync::Arc<dyn crate::builds::BuildLog>,
+    ) -> Result<crate::builds::BuildOutput, crate::builds::BuildFailure> {
+        let output = crate::builds::BuildOutput {
+            envd_version: hearth_types::ENVD_VERSION.to_owned(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disk_mb: 1024,
+        };
+        self.specs.lock().unwrap().push(spec);
+        let lines = *self.log_lines.lock().unwrap();
+        for index in 0..lines {
+            log.append(crate::builds::LogLevel::Info, Some("1"), &format!("line {index}"));
+        }
+        let mut held = self.held.subscribe();
+        let _ = held.wait_for(|held| !*held).await;
+        match self.failure.lock().unwrap().clone() {
+            Some(failure) => Err(failure),
+            None => Ok(output),
+        }
     }
 }

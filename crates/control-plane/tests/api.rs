@@ -717,7 +717,7 @@ async fn unimplemented_routes_are_501_json() {
         (Method::PUT, format!("/sandboxes/{id}/network")),
         (Method::GET, format!("/sandboxes/{id}/metrics")),
         (Method::POST, "/v3/templates".to_owned()),
-        (Method::GET, "/templates/base/tags".to_owned()),
+        (Method::GET, format!("/sandboxes/{id}/logs")),
     ] {
         let reply = h.call(method.clone(), &uri, Some(json!({}))).await;
         assert_eq!(

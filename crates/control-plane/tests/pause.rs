@@ -354,5 +354,5 @@ async fn snapshot_delete_waits_for_its_sandboxes() {
     let listed = h.call(Method::GET, "/snapshots", None).await;
     assert_eq!(listed.body, json!([{"snapshotID": first_id, "names": []}]));
     let base = h.call(Method::DELETE, "/templates/base", None).await;
-    assert_error(&base, StatusCode::NOT_IMPLEMENTED);
+    assert_error(&base, StatusCode::BAD_REQUEST);
 }

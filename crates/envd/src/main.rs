@@ -6,6 +6,7 @@
 //! process that ends, orphans included, and restarts the server child when that dies.
 
 mod api;
+mod build_copy;
 mod connect;
 mod files;
 mod filesystem;
@@ -23,6 +24,8 @@ const DEFAULT_PORT: u16 = 49983;
 const RESPAWN_DELAY: Duration = Duration::from_secs(1);
 
 const USAGE: &str = "usage: envd [--port PORT] [--default-user NAME] [--version]\n\
+       envd build-copy --archive TAR --dest PATH [...]  (see envd build-copy --help)\n\
+       envd build-sync  (flush file system buffers to disk)\n\
   --port PORT          TCP port to listen on, on all IPv4 addresses (default 49983)\n\
   --default-user NAME  user of requests that name none, until /init sets one (default user)\n\
   --version            print the envd protocol version and exit";
@@ -63,6 +66,11 @@ fn parse_options() -> Result<Option<Options>, String> {
 }
 
 fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("build-copy") => std::process::exit(build_copy::run(std::env::args().skip(2))),
+        Some("build-sync") => std::process::exit(build_copy::run_sync()),
+        _ => {}
+    }
     let options = match parse_options() {
         Ok(Some(options)) => options,
         Ok(None) => return,

@@ -23,12 +23,6 @@ use hearth_vmm::{
 use crate::envd_client::{EnvdClient, InitRequest};
 use crate::routes::Routes;
 
-/// User that commands run as unless a request names one, as in E2B's base image.
-const DEFAULT_USER: &str = "user";
-
-/// Working directory of commands unless a request names one.
-const DEFAULT_WORKDIR: &str = "/home/user";
-
 /// Settings of a [`NodeAgent`].
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -109,6 +103,24 @@ impl NodeAgent {
         }
     }
 
+    /// Removes deleted template builds that the last sandbox using them no longer needs.
+    fn sweep_deleted_templates(&self) {
+        let removed = crate::template_files::sweep_deleted(&self.config.data_dir);
+        if removed > 0 {
+            tracing::info!(removed, "removed deleted template builds");
+        }
+    }
+
+    /// The node's settings.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The VMM driver sandboxes and build VMs run with.
+    pub fn driver(&self) -> &dyn VmmDriver {
+        &*self.driver
+    }
+
     /// Cleans the sandbox directories an earlier run of this server left behind and
     /// returns the paused sandboxes among them. A running sandbox does not survive a
     /// restart (its VMM dies with the server), so the run directory of every sandbox
@@ -155,6 +167,7 @@ impl NodeAgent {
                 "cleaned sandbox directories of an earlier run"
             );
         }
+        self.sweep_deleted_templates();
         paused.sort();
         paused
     }
@@ -343,8 +356,10 @@ impl NodeAgent {
             access_token: spec.envd_access_token.as_deref(),
             previous_access_token: spec.previous_access_token.as_deref(),
             timestamp: String::new(),
-            default_user: DEFAULT_USER,
-            default_workdir: DEFAULT_WORKDIR,
+            // The snapshot's envd already has the template's user and working directory
+            // (`user` and its home for the base template); a resume must not reset them.
+            default_user: None,
+            default_workdir: None,
         };
         self.envd
             .init_when_ready(
@@ -723,6 +738,7 @@ impl SandboxRuntime for NodeAgent {
         }
         self.release_slot(sandbox_id, sandbox.slot).await;
         remove_dir(sandbox_id, &sandbox.run_dir);
+        self.sweep_deleted_templates();
         tracing::info!(sandbox_id = %sandbox_id, "sandbox stopped");
         stopped.map_err(|err| RuntimeError::Failed(format!("failed to stop the VMM: {err}")))
     }
@@ -985,6 +1001,7 @@ impl SandboxRuntime for NodeAgent {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {
                 tracing::info!(sandbox_id = %sandbox_id, "paused sandbox deleted");
+                self.sweep_deleted_templates();
                 Ok(())
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -1014,15 +1031,19 @@ impl SandboxRuntime for NodeAgent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(id, _), _| id != template_id);
-        let dir = self.config.data_dir.templates_dir().join(template_id.as_str());
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {
-                tracing::info!(template_id = %template_id, "template files deleted");
-                Ok(())
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(err) => Err(RuntimeError::Failed(format!("failed to delete {}: {err}", dir.display()))),
-        }
+        let data_dir = self.config.data_dir.clone();
+        let id = template_id.clone();
+        let outcome = tokio::task::spawn_blocking(move || crate::template_files::delete_template(&data_dir, &id))
+            .await
+            .map_err(|err| RuntimeError::Failed(format!("template deletion task failed: {err}")))?
+            .map_err(|err| RuntimeError::Failed(format!("failed to delete the files of template {template_id}: {err}")))?;
+        tracing::info!(
+            template_id = %template_id,
+            removed = outcome.removed,
+            kept_for_sandboxes = outcome.kept,
+            "template files deleted"
+        );
+        Ok(())
     }
 
     async fn snapshot(

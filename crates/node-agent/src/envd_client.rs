@@ -41,10 +41,14 @@ pub struct InitRequest<'a> {
     /// Host wall clock in RFC 3339, so a guest restored from an old snapshot is not in the
     /// past. [`EnvdClient::init_when_ready`] replaces it with the time of each attempt.
     pub timestamp: String,
-    /// User that commands run as unless a request names one.
-    pub default_user: &'a str,
-    /// Working directory of commands unless a request names one.
-    pub default_workdir: &'a str,
+    /// User that commands run as unless a request names one; `None` keeps the one the
+    /// template's snapshot holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_user: Option<&'a str>,
+    /// Working directory of commands unless a request names one; `None` keeps the
+    /// template's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_workdir: Option<&'a str>,
 }
 
 /// HTTP client for the envd of guests on this node.

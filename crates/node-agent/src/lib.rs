@@ -6,7 +6,9 @@
 //! run directory. The node agent also keeps the route table the proxy reads.
 
 mod agent;
+pub mod builder;
 pub mod envd_client;
 mod routes;
+pub mod template_files;
 
 pub use agent::{NodeAgent, NodeConfig, NodeError};

@@ -15,6 +15,7 @@ pub mod qcow2;
 pub use clone::clone_sparse;
 pub use layout::{DataDir, SandboxPaths, TemplateBuildPaths};
 pub use manifest::{
+    GuestConfig,
     ManifestError, ManifestFile, SnapshotOrigin, TemplateManifest, MANIFEST_FORMAT_VERSION,
 };
 pub use pause::{PauseRecord, PauseRecordError, PAUSE_FORMAT_VERSION};

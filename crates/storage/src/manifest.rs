@@ -81,6 +81,36 @@ pub struct TemplateManifest {
     /// filesystem: where its memory and disk are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotOrigin>,
+    /// What a template build set up for the guest: its envd already holds these defaults
+    /// in the snapshot. Absent for the base template built before template builds existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestConfig>,
+}
+
+/// The guest defaults of a built template, from its image and build steps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    /// User commands run as unless a request names one.
+    pub user: String,
+    /// Working directory of commands unless a request names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Environment every command inherits.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Command started before the snapshot, still running in every sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_cmd: Option<String>,
+    /// Check that passed before the snapshot was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_check: Option<String>,
+    /// Ports the image declares (`EXPOSE`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_ports: Vec<String>,
+    /// Image labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn default_vmm() -> String {
@@ -164,6 +194,7 @@ mod tests {
             created_at_unix_secs: 0,
             vmm: "qemu".into(),
             snapshot: None,
+            guest: None,
         }
     }
 

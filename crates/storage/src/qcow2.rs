@@ -92,6 +92,43 @@ pub fn create_overlay_over(
     Ok(())
 }
 
+/// Reads the backing file name from the header of the qcow2 file at `path`. `None` for a
+/// file that is not qcow2 or has no backing file.
+pub fn backing_file(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut header = [0u8; 20];
+    if file.read_exact(&mut header).is_err() || &header[..4] != b"QFI\xfb" {
+        return Ok(None);
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+    let length = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
+    if offset == 0 || length == 0 || length > 4096 {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; length as usize];
+    file.read_exact_at(&mut name, offset)?;
+    Ok(Some(PathBuf::from(String::from_utf8_lossy(&name).into_owned())))
+}
+
+/// Every file in the backing chain of the image at `path`, nearest first, relative names
+/// resolved against the directory of the file that names them. Stops after 64 links.
+pub fn backing_chain(path: &Path) -> Vec<PathBuf> {
+    let mut chain = Vec::new();
+    let mut current = path.to_owned();
+    while chain.len() < 64 {
+        let Ok(Some(next)) = backing_file(&current) else { break };
+        let next = if next.is_absolute() {
+            next
+        } else {
+            current.parent().map(|dir| dir.join(&next)).unwrap_or(next)
+        };
+        chain.push(next.clone());
+        current = next;
+    }
+    chain
+}
+
 /// Number of L1 entries for `virtual_size`: one L2 table maps `CLUSTER_SIZE / 8` clusters.
 fn l1_entries(virtual_size: u64) -> u64 {
     let bytes_per_l2 = CLUSTER_SIZE * (CLUSTER_SIZE / 8);
@@ -156,6 +193,21 @@ fn refcount_block_prefix() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backing_chain_follows_every_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("rootfs.ext4");
+        std::fs::write(&raw, b"not qcow2").unwrap();
+        let middle = dir.path().join("middle.qcow2");
+        let top = dir.path().join("top.qcow2");
+        create_overlay(&middle, &raw, 1 << 30).unwrap();
+        create_overlay_over(&top, &middle, BackingFormat::Qcow2, 1 << 30).unwrap();
+        assert_eq!(backing_file(&top).unwrap(), Some(middle.clone()));
+        assert_eq!(backing_chain(&top), vec![middle, raw.clone()]);
+        assert_eq!(backing_file(&raw).unwrap(), None);
+        assert!(backing_chain(&raw).is_empty());
+    }
 
     #[test]
     fn l1_entries_cover_virtual_size() {

@@ -336,7 +336,12 @@ async fn wait_for_health(vm: &mut Box<dyn Vm>, url: &str, timeout: Duration) -> 
 }
 
 fn console_tail(vm: &Box<dyn Vm>) -> String {
-    let text = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
+    read_console_tail(&vm.console_log())
+}
+
+/// The last 1500 bytes of a console log, trimmed; empty when it cannot be read.
+pub(crate) fn read_console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
     let start = text.len().saturating_sub(1500);
     let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
     text[start..].trim().to_owned()
@@ -382,6 +387,7 @@ async fn write_manifest(
         created_at_unix_secs: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         vmm: vmm.as_str().into(),
         snapshot: None,
+        guest: None,
     };
     manifest.store(&paths.manifest())?;
     Ok(manifest)

@@ -12,11 +12,15 @@
 //! 7. manifest.
 
 mod build;
+pub mod base_disk;
 pub mod command;
 pub mod cpio;
+pub mod custom;
+pub mod guest;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+pub mod plan;
 pub mod rootfs;
 
 pub use build::{

@@ -106,19 +106,40 @@ pub async fn prepare_tree(tarball: &Path, tree: &Path, custom: &RootfsCustomizat
     )
     .await?;
 
+    let sudoers = tree.join("etc/sudoers.d/hearth-user");
+    tokio::fs::write(&sudoers, format!("{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n"))
+        .await
+        .map_err(io_err(&sudoers))?;
+    set_mode(&sudoers, 0o440)?;
+    inject_guest_files(tree, custom).await?;
+
+    for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        clear_files(&tree.join(dir)).await?;
+    }
+    Ok(())
+}
+
+/// Adds what every Hearth guest needs to a root filesystem tree, whatever image it came
+/// from: envd at `/usr/bin/envd`, host name, hosts and resolver files, the mount points
+/// the initramfs uses, and a root account when the image has no `/etc/passwd`.
+pub async fn inject_guest_files(tree: &Path, custom: &RootfsCustomization<'_>) -> Result<(), RootfsError> {
+    for dir in ["dev", "proc", "sys", "tmp", "run", "etc", "usr/bin", "root"] {
+        let path = tree.join(dir);
+        // A symlink (such as /usr/bin on merged-/usr images) counts as present.
+        if tokio::fs::symlink_metadata(&path).await.is_err() {
+            tokio::fs::create_dir_all(&path).await.map_err(io_err(&path))?;
+        }
+    }
+    set_mode(&tree.join("tmp"), 0o1777)?;
     let write = |relative: &str, content: String, mode: u32| {
         let path = tree.join(relative);
         async move {
+            // Images often ship these as symlinks (resolv.conf into /run); replace them.
+            let _ = tokio::fs::remove_file(&path).await;
             tokio::fs::write(&path, content).await.map_err(io_err(&path))?;
             set_mode(&path, mode)
         }
     };
-    write(
-        "etc/sudoers.d/hearth-user",
-        format!("{SANDBOX_USER} ALL=(ALL:ALL) NOPASSWD: ALL\n"),
-        0o440,
-    )
-    .await?;
     write("etc/hostname", format!("{}\n", custom.hostname), 0o644).await?;
     write(
         "etc/hosts",
@@ -126,18 +147,18 @@ pub async fn prepare_tree(tarball: &Path, tree: &Path, custom: &RootfsCustomizat
         0o644,
     )
     .await?;
-    let resolv = tree.join("etc/resolv.conf");
-    let _ = tokio::fs::remove_file(&resolv).await;
     write("etc/resolv.conf", format!("nameserver {GUEST_NAMESERVER}\n"), 0o644).await?;
+    if !tree.join("etc/passwd").exists() {
+        write("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n".into(), 0o644).await?;
+    }
+    if !tree.join("etc/group").exists() {
+        write("etc/group", "root:x:0:\n".into(), 0o644).await?;
+    }
 
     let envd = tree.join("usr/bin/envd");
+    let _ = tokio::fs::remove_file(&envd).await;
     tokio::fs::copy(custom.envd_binary, &envd).await.map_err(io_err(custom.envd_binary))?;
-    set_mode(&envd, 0o755)?;
-
-    for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
-        clear_files(&tree.join(dir)).await?;
-    }
-    Ok(())
+    set_mode(&envd, 0o755)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), RootfsError> {

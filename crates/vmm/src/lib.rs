@@ -12,7 +12,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod sandbox;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
@@ -135,6 +135,8 @@ pub enum VmmError {
         what: &'static str,
         timeout_ms: u64,
     },
+    #[error("{vmm} does not support {operation}")]
+    Unsupported { vmm: &'static str, operation: &'static str },
     #[error("failed to stop VMM pid {pid}")]
     Stop {
         pid: u32,
@@ -248,4 +250,13 @@ pub trait Vm: Send + Sync {
     /// Kills the VMM process and waits for it to exit. Calling it
     /// again after success does nothing.
     async fn stop(&mut self) -> Result<(), VmmError>;
+
+    /// Creates `overlay`, a qcow2 file backed by the disk's current writable layer, and
+    /// makes it the writable layer while the guest runs. Everything written before the
+    /// call stays in the old layer, which nothing writes again. Template builds use it to
+    /// keep each step's changes in a file of its own.
+    async fn push_disk_layer(&mut self, overlay: &Path) -> Result<(), VmmError> {
+        let _ = overlay;
+        Err(VmmError::Unsupported { vmm: "this VMM", operation: "adding a disk layer to a running guest" })
+    }
 }

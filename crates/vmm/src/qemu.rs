@@ -278,6 +278,7 @@ impl QemuDriver {
             .and_then(|()| UnixStream::from_std(qmp_ours));
 
         let mut vm = QemuVm {
+            disk_layers: 0,
             pid,
             child: Some(child),
             qmp: None,
@@ -339,6 +340,9 @@ pub struct QemuVm {
     shared_memory: bool,
     /// The memory backend's file.
     memory_file: PathBuf,
+    /// Disk layers added by [`Vm::push_disk_layer`]; the writable node is `root` before
+    /// the first and `layer<N>` after the N-th.
+    disk_layers: u32,
 }
 
 impl QemuVm {
@@ -460,6 +464,25 @@ impl Vm for QemuVm {
 
     fn console_log(&self) -> PathBuf {
         QemuVm::console_log(self)
+    }
+
+    async fn push_disk_layer(&mut self, overlay: &Path) -> Result<(), VmmError> {
+        let current = match self.disk_layers {
+            0 => "root".to_owned(),
+            n => format!("layer{n}"),
+        };
+        let next = format!("layer{}", self.disk_layers + 1);
+        let arguments = serde_json::json!({
+            "node-name": current,
+            "snapshot-file": overlay.to_string_lossy(),
+            "snapshot-node-name": next,
+            "format": "qcow2",
+            "mode": "absolute-paths",
+        });
+        self.qmp(|qmp| Box::pin(qmp.execute("blockdev-snapshot-sync", Some(arguments)))).await?;
+        self.disk_layers += 1;
+        tracing::debug!(pid = self.pid, overlay = %overlay.display(), node = %next, "added a disk layer");
+        Ok(())
     }
 
     async fn snapshot(&mut self, target: &SnapshotTarget) -> Result<SnapshotReport, VmmError> {

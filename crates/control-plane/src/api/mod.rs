@@ -9,6 +9,7 @@ use axum::{Json, Router};
 use utoipa::OpenApi;
 
 use crate::error::{self, ApiError, ErrorBody};
+use crate::template_models as tm;
 use crate::{auth, models, ControlPlane};
 
 /// OpenAPI 3 description of the implemented routes, served at `GET /openapi.json`.
@@ -32,9 +33,28 @@ use crate::{auth, models, ControlPlane};
         sandboxes::create_snapshot,
         sandboxes::list_snapshots,
         templates::list,
+        templates::list_v2,
         templates::get,
         templates::get_alias,
         templates::delete,
+        templates::update_v1,
+        templates::update_v2,
+        templates::request_v3,
+        templates::request_dockerfile,
+        templates::rebuild_dockerfile,
+        templates::start_v2,
+        templates::start_dockerfile,
+        templates::build_status,
+        templates::build_logs,
+        templates::file_upload_link,
+        templates::upload_file,
+        templates::assign_tags,
+        templates::delete_tags,
+        templates::list_tags,
+        templates::count_tags,
+        templates::tag_exists,
+        templates::tag_groups,
+        templates::tag_assignments,
     ),
     components(schemas(
         ErrorBody,
@@ -56,6 +76,29 @@ use crate::{auth, models, ControlPlane};
         models::TemplateBuild,
         models::TemplateWithBuilds,
         models::TemplateAliasResponse,
+        tm::TemplateBuildRequestV3,
+        tm::TemplateRequestResponseV3,
+        tm::TemplateBuildStartV2,
+        tm::TemplateStep,
+        tm::TemplateBuildFileUpload,
+        tm::BuildLogEntry,
+        tm::BuildStatusReason,
+        tm::TemplateBuildInfo,
+        tm::TemplateBuildLogsResponse,
+        tm::DockerfileBuildRequest,
+        tm::DockerfileBuildStart,
+        tm::TemplateUpdateRequest,
+        tm::TemplateUpdateResponse,
+        tm::AssignTemplateTagsRequest,
+        tm::AssignedTemplateTags,
+        tm::DeleteTemplateTagsRequest,
+        tm::TemplateTag,
+        tm::TemplateTagsCountResponse,
+        tm::TemplateTagExistsResponse,
+        tm::TemplateTagAssignment,
+        tm::TemplateTagAssignmentsResponse,
+        tm::TemplateTagGroup,
+        tm::TemplateTagGroupsResponse,
     )),
     modifiers(&ApiKeySecurity),
     security(("ApiKeyAuth" = [])),
@@ -115,19 +158,8 @@ pub(crate) fn router(control_plane: ControlPlane) -> Router {
             "/sandboxes/{sandbox_id}/snapshots",
             post(sandboxes::create_snapshot),
         )
-        .route("/snapshots", get(sandboxes::list_snapshots))
-        .route(
-            "/templates",
-            get(templates::list).post(unsupported("building templates with the v1 API")),
-        )
-        .route(
-            "/templates/{template_id}",
-            get(templates::get)
-                .patch(unsupported("updating templates"))
-                .delete(templates::delete)
-                .post(unsupported("rebuilding templates with the v1 API")),
-        )
-        .route("/templates/aliases/{alias}", get(templates::get_alias));
+        .route("/snapshots", get(sandboxes::list_snapshots));
+    let api = add_template_routes(api);
     let api = add_unsupported_routes(api)
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
@@ -135,15 +167,86 @@ pub(crate) fn router(control_plane: ControlPlane) -> Router {
             control_plane.clone(),
             auth::require_api_key,
         ))
+        .with_state(control_plane.clone());
+
+    // The upload URL carries its own token in place of the API key.
+    let uploads = Router::new()
+        .route(
+            "/templates/{template_id}/files/{hash}/upload",
+            put(templates::upload_file),
+        )
         .with_state(control_plane);
 
     Router::new()
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .merge(uploads)
         .route(
             "/health",
             get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
         )
         .merge(api)
+}
+
+/// Template routes: E2B's, plus Hearth's Dockerfile build flow (`POST /templates`,
+/// `POST /templates/{templateID}` and `POST /templates/{templateID}/builds/{buildID}`).
+fn add_template_routes(router: Router<ControlPlane>) -> Router<ControlPlane> {
+    router
+        .route(
+            "/templates",
+            get(templates::list).post(templates::request_dockerfile),
+        )
+        .route(
+            "/templates/{template_id}",
+            get(templates::get)
+                .patch(templates::update_v1)
+                .delete(templates::delete)
+                .post(templates::rebuild_dockerfile),
+        )
+        .route("/templates/aliases/{alias}", get(templates::get_alias))
+        .route("/v2/templates", get(templates::list_v2))
+        .route("/v2/templates/{template_id}", patch(templates::update_v2))
+        .route("/v3/templates", post(templates::request_v3))
+        .route(
+            "/v2/templates/{template_id}/builds/{build_id}",
+            post(templates::start_v2),
+        )
+        .route(
+            "/templates/{template_id}/builds/{build_id}",
+            post(templates::start_dockerfile),
+        )
+        .route(
+            "/templates/{template_id}/builds/{build_id}/status",
+            get(templates::build_status),
+        )
+        .route(
+            "/templates/{template_id}/builds/{build_id}/logs",
+            get(templates::build_logs),
+        )
+        .route(
+            "/templates/{template_id}/files/{hash}",
+            get(templates::file_upload_link),
+        )
+        .route(
+            "/templates/tags",
+            post(templates::assign_tags).delete(templates::delete_tags),
+        )
+        .route("/templates/{template_id}/tags", get(templates::list_tags))
+        .route(
+            "/templates/{template_id}/tags/count",
+            get(templates::count_tags),
+        )
+        .route(
+            "/templates/{template_id}/tags/exists",
+            get(templates::tag_exists),
+        )
+        .route(
+            "/templates/{template_id}/tags/groups",
+            get(templates::tag_groups),
+        )
+        .route(
+            "/templates/{template_id}/tags/{tag}/assignments",
+            get(templates::tag_assignments),
+        )
 }
 
 /// Routes the E2B SDK calls that Hearth does not implement yet. Each returns 501 with a
@@ -166,60 +269,6 @@ fn add_unsupported_routes(router: Router<ControlPlane>) -> Router<ControlPlane> 
         .route(
             "/sandboxes/{sandbox_id}/metrics",
             get(unsupported("sandbox metrics")),
-        )
-        .route(
-            "/v2/templates",
-            get(unsupported("the v2 template list"))
-                .post(unsupported("building templates with the v2 API")),
-        )
-        .route(
-            "/v2/templates/{template_id}",
-            patch(unsupported("updating templates")),
-        )
-        .route("/v3/templates", post(unsupported("building templates")))
-        .route(
-            "/v2/templates/{template_id}/builds/{build_id}",
-            post(unsupported("building templates")),
-        )
-        .route(
-            "/templates/{template_id}/builds/{build_id}",
-            post(unsupported("building templates")),
-        )
-        .route(
-            "/templates/{template_id}/builds/{build_id}/status",
-            get(unsupported("template build status")),
-        )
-        .route(
-            "/templates/{template_id}/builds/{build_id}/logs",
-            get(unsupported("template build logs")),
-        )
-        .route(
-            "/templates/{template_id}/files/{hash}",
-            get(unsupported("template file uploads")),
-        )
-        .route(
-            "/templates/tags",
-            post(unsupported("template tags")).delete(unsupported("template tags")),
-        )
-        .route(
-            "/templates/{template_id}/tags",
-            get(unsupported("template tags")),
-        )
-        .route(
-            "/templates/{template_id}/tags/count",
-            get(unsupported("template tags")),
-        )
-        .route(
-            "/templates/{template_id}/tags/exists",
-            get(unsupported("template tags")),
-        )
-        .route(
-            "/templates/{template_id}/tags/groups",
-            get(unsupported("template tags")),
-        )
-        .route(
-            "/templates/{template_id}/tags/{tag}/assignments",
-            get(unsupported("template tags")),
         )
         .route("/default-templates", get(unsupported("default templates")))
         .route(

@@ -6,6 +6,7 @@
 //! backend can therefore reuse the statements behind the same `Store` API.
 
 mod api_keys;
+mod builds;
 mod sandboxes;
 mod snapshots;
 mod templates;
@@ -20,9 +21,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{SqlSafeStr, SqlitePool};
 
 pub use api_keys::{ApiKeyRecord, CreatedApiKey};
+pub use builds::{
+    BuildLogLine, BuildRequestRecord, BuildStartRecord, NewBuild, StoredLogEntry, TagAssignment,
+    TemplateTagRecord,
+};
 pub use sandboxes::{NewSandboxRecord, SandboxListFilter, SandboxRecord, SandboxState};
 pub use snapshots::SnapshotRecord;
-pub use templates::{BuildRecord, BuildStatus, TemplateBuildRecord, TemplateRecord};
+pub use templates::{BuildRecord, BuildStatus, TemplateBuildRecord, TemplateRecord, DEFAULT_TAG};
 
 /// File name of the SQLite database inside the data directory.
 pub const DATABASE_FILE: &str = "hearth.db";
@@ -38,6 +43,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "pause and snapshots",
         include_str!("../../migrations/0002_pause_and_snapshots.sql"),
+    ),
+    (
+        3,
+        "template builds",
+        include_str!("../../migrations/0003_template_builds.sql"),
     ),
 ];
 

@@ -112,6 +112,9 @@ pub struct BuildRecord {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// Tag a build gets when its request names no tag, and that a reference without a tag means.
+pub const DEFAULT_TAG: &str = "default";
+
 const TEMPLATE_COLUMNS: &str = "SELECT t.template_id, t.build_id, t.vcpus, t.memory_mib, t.disk_mb, \
      t.envd_version, t.status, t.public, t.spawn_count, t.last_spawned_at, t.created_at, t.updated_at, \
      (SELECT COUNT(*) FROM template_builds b WHERE b.template_id = t.template_id) AS build_count \
@@ -185,8 +188,41 @@ impl Store {
         Ok(())
     }
 
-    /// Looks a template up by ID first, then by alias.
+    /// Looks a template up by ID first, then by alias. A reference `name:tag` (the name
+    /// being an ID or alias) returns the template with the build the tag names in place of
+    /// its current build; the tag `default` names the current build unless it was assigned.
     pub async fn find_template(
+        &self,
+        reference: &str,
+    ) -> Result<Option<TemplateRecord>, StoreError> {
+        let Some((name, tag)) = reference.rsplit_once(':') else {
+            return self.find_template_by_name(reference).await;
+        };
+        let Some(mut template) = self.find_template_by_name(name).await? else {
+            return Ok(None);
+        };
+        let build_id = match self.tagged_build(&template.template_id, tag).await? {
+            Some(build_id) => build_id,
+            None if tag == DEFAULT_TAG => return Ok(Some(template)),
+            None => return Ok(None),
+        };
+        if build_id == template.build_id {
+            return Ok(Some(template));
+        }
+        let Some(build) = self.get_build(&template.template_id, build_id.as_str()).await? else {
+            return Ok(None);
+        };
+        template.build_id = build.build_id;
+        template.vcpus = build.vcpus;
+        template.memory_mib = build.memory_mib;
+        template.disk_mb = build.disk_mb;
+        template.envd_version = build.envd_version;
+        template.status = build.status;
+        Ok(Some(template))
+    }
+
+    /// Looks a template up by ID first, then by alias, with its current build.
+    async fn find_template_by_name(
         &self,
         id_or_alias: &str,
     ) -> Result<Option<TemplateRecord>, StoreError> {
@@ -310,7 +346,7 @@ impl Store {
     }
 }
 
-fn parse_build_id(value: String) -> Result<BuildId, StoreError> {
+pub(super) fn parse_build_id(value: String) -> Result<BuildId, StoreError> {
     BuildId::parse(&value).map_err(|_| StoreError::Corrupt {
         column: "build_id",
         value,

@@ -148,7 +148,10 @@ async fn serve_until_signal(
     api_listener: TcpListener,
     proxy_listener: TcpListener,
 ) -> anyhow::Result<()> {
-    let (router, control_plane) = hearth_control_plane::build(cp_config, node.clone())
+    // TODO(lead): wire the node agent's builder
+    let template_builder = None;
+    let (router, control_plane) =
+        hearth_control_plane::build_with_template_builder(cp_config, node.clone(), template_builder)
         .await
         .context("failed to start the control plane")?;
 

@@ -15,6 +15,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::DataDirArgs;
 
+#[path = "template_build.rs"]
+mod template_build;
+
 /// Alias of the template that `hearth serve` builds on first start.
 pub const BASE_ALIAS: &str = "base";
 
@@ -69,6 +72,8 @@ pub enum TemplateCommand {
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=32))]
         vcpus: u32,
     },
+    /// Build a template from a Dockerfile on a Hearth server, through its API.
+    Build(template_build::BuildArgs),
     /// Print the directory of a template's ready build.
     Path {
         /// Template ID or alias.
@@ -90,6 +95,7 @@ pub async fn run(command: TemplateCommand) -> anyhow::Result<()> {
             let machine = hearth_vmm::MachineSize { vcpus, memory_mib };
             build_base_command(&data.data_dir, &envd, force, machine).await
         }
+        TemplateCommand::Build(args) => template_build::run(args).await,
         TemplateCommand::Path { template, data } => {
             let store = Store::open(&data.data_dir)
                 .await

@@ -1,0 +1,295 @@
+"""Template builds through the SDK's template builder and `hearth template build`.
+
+A registry (Debian's `docker-registry`) runs on loopback for this module; a tiny image
+(busybox and a static bash) is pushed to it with `hearth-oci-push`. Sandboxes created
+from the built templates are checked for their user, working directory, environment,
+files, and the server their start command started, reached through the proxy right
+after the create returns.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+from e2b import Sandbox, Template
+from e2b.exceptions import BuildException
+
+from sdk_helpers import RUN_ID, kill_quietly, proxy_get_by_host
+
+REGISTRY_BIN = "/usr/bin/docker-registry"
+BUSYBOX = "/bin/busybox"
+BASH_STATIC = "/bin/bash-static"
+BUSYBOX_APPLETS = [
+    "sh", "ls", "cat", "echo", "id", "whoami", "pwd", "env", "printenv", "printf", "mkdir", "rm", "cp",
+    "nc", "httpd", "adduser", "addgroup", "sleep", "sync", "chmod", "chown", "grep", "stat", "test",
+    "true", "false", "touch", "wc", "head", "tail", "sed", "tr", "uname", "ps", "kill",
+]
+# Quotes, backslashes, a newline and a command substitution: they must arrive byte for byte
+# and run nothing.
+TRICKY_VALUE = 'say "hi" \\ back\\slash $(touch /tmp/pwned) `touch /tmp/pwned2` end'
+MULTILINE_VALUE = "line one\nline two"
+
+
+def oci_push_binary() -> str:
+    explicit = os.environ.get("HEARTH_OCI_PUSH")
+    if explicit:
+        return explicit
+    found = shutil.which("hearth-oci-push")
+    if found:
+        return found
+    local = Path(__file__).resolve().parents[2] / "target" / "release" / "hearth-oci-push"
+    return str(local)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[str]:
+    """A registry on loopback, stopped (by its PID) at the end of the module."""
+    workdir = Path(tempfile.mkdtemp(prefix="hearth-registry-"))
+    port = free_port()
+    config = workdir / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    log = open(workdir / "registry.log", "w")
+    process = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"registry did not start: {(workdir / 'registry.log').read_text()}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def tiny_rootfs(root: Path) -> None:
+    (root / "bin").mkdir(parents=True)
+    for directory in ["etc", "tmp", "root", "usr/bin", "srv"]:
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in BUSYBOX_APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    shutil.copy2(BASH_STATIC, root / "bin" / "bash")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    (root / "etc" / "shadow").write_text("root:*:19000:0:99999:7:::\n")
+    os.chmod(root / "tmp", 0o1777)
+
+
+@pytest.fixture(scope="module")
+def tiny_image(registry: str) -> str:
+    reference = f"{registry}/hearth-test/tiny:{RUN_ID}"
+    with tempfile.TemporaryDirectory() as workdir:
+        root = Path(workdir) / "rootfs"
+        tiny_rootfs(root)
+        subprocess.run(
+            [
+                oci_push_binary(), "--rootfs", str(root), "--to", reference,
+                "--env", "PATH=/usr/local/bin:/usr/bin:/bin", "--env", "IMAGE_VAR=from the image",
+            ],
+            check=True,
+        )
+    return reference
+
+
+def run_ok(sbx: Sandbox, command: str, **kwargs) -> str:
+    result = sbx.commands.run(command, **kwargs)
+    assert result.exit_code == 0, f"{command!r}: {result.stderr}"
+    return result.stdout
+
+
+def delete_template(name_or_id: str) -> None:
+    api = os.environ["E2B_API_URL"]
+    headers = {"X-API-Key": os.environ["E2B_API_KEY"]}
+    response = httpx.get(f"{api}/templates/aliases/{name_or_id}", headers=headers, timeout=30)
+    if response.status_code == 200:
+        template_id = response.json()["templateID"]
+        httpx.delete(f"{api}/templates/{template_id}", headers=headers, timeout=60)
+
+
+@pytest.mark.timeout(900)
+def test_sdk_template_from_a_registry_image(tiny_image: str, tmp_path: Path) -> None:
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("hello from the template\n")
+    (tmp_path / "site" / "run.sh").write_text("#!/bin/sh\necho run\n")
+    os.chmod(tmp_path / "site" / "run.sh", 0o750)
+    name = f"tiny-sdk-{RUN_ID}"
+
+    def template(last_step: str) -> Template:
+        return (
+            Template(file_context_path=str(tmp_path))
+            .from_image(tiny_image)
+            .run_cmd("adduser -D -u 1234 app && mkdir -p /srv/www && echo step-output-visible")
+            .copy("site/", "/srv/www/", user="app")
+            .set_envs({"TRICKY": TRICKY_VALUE, "MULTI": MULTILINE_VALUE})
+            .set_workdir("/srv/www")
+            .set_user("app")
+            .run_cmd(last_step)
+            .set_start_cmd("busybox httpd -f -p 8080 -h /srv/www", "nc -z 127.0.0.1 8080")
+        )
+
+    logs: list[str] = []
+    started = time.monotonic()
+    Template.build(template("echo first > /srv/www/last.txt"), name, cpu_count=1, memory_mb=256,
+                   on_build_logs=lambda entry: logs.append(entry.message))
+    first_build = time.monotonic() - started
+    assert any("step-output-visible" in line for line in logs), logs
+
+    sbx = Sandbox.create(name, timeout=300)
+    try:
+        # The start command's server answers through the proxy right after the create.
+        page = proxy_get_by_host(sbx, 8080, "/index.html")
+        assert page.status_code == 200
+        assert page.text == "hello from the template\n"
+
+        assert run_ok(sbx, "whoami").strip() == "app"
+        assert run_ok(sbx, "pwd").strip() == "/srv/www"
+        assert run_ok(sbx, 'printf %s "$TRICKY"') == TRICKY_VALUE
+        assert run_ok(sbx, 'printf %s "$MULTI"') == MULTILINE_VALUE
+        assert run_ok(sbx, 'printf %s "$IMAGE_VAR"') == "from the image"
+        assert run_ok(sbx, "test ! -e /tmp/pwned && test ! -e /tmp/pwned2 && echo clean").strip() == "clean"
+        assert sbx.files.read("/srv/www/last.txt") == "first\n"
+        assert run_ok(sbx, "stat -c '%U %a' /srv/www/index.html /srv/www/run.sh").split("\n")[:2] == [
+            "app 644",
+            "app 750",
+        ]
+    finally:
+        kill_quietly(sbx.sandbox_id)
+
+    # Only the changed last step runs again.
+    logs.clear()
+    started = time.monotonic()
+    Template.build(template("echo second > /srv/www/last.txt"), name, cpu_count=1, memory_mb=256,
+                   on_build_logs=lambda entry: logs.append(entry.message))
+    rebuild = time.monotonic() - started
+    cached = [line for line in logs if "CACHED" in line]
+    assert len(cached) >= 5, logs
+    assert not any("step-output-visible" in line for line in logs), "the first RUN ran again"
+    print(f"first build {first_build:.1f} s, rebuild with the last step changed {rebuild:.1f} s")
+
+    sbx = Sandbox.create(name, timeout=120)
+    try:
+        assert sbx.files.read("/srv/www/last.txt") == "second\n"
+        assert proxy_get_by_host(sbx, 8080, "/index.html").status_code == 200
+    finally:
+        kill_quietly(sbx.sandbox_id)
+
+
+@pytest.mark.timeout(900)
+def test_dockerfile_build_with_the_cli(tiny_image: str, tmp_path: Path) -> None:
+    context = tmp_path / "context"
+    (context / "site").mkdir(parents=True)
+    (context / "site" / "index.html").write_text("dockerfile site\n")
+    (context / "site" / "secret.key").write_text("must not be copied\n")
+    (context / ".dockerignore").write_text("**/*.key\n")
+    (context / "Dockerfile").write_text(
+        f"FROM {tiny_image} AS builder\n"
+        "RUN mkdir -p /out && echo built-in-stage-one > /out/artifact.txt\n"
+        "\n"
+        f"FROM {tiny_image}\n"
+        "ARG GREETING=\"hello world\"\n"
+        "ENV QUOTED='a \"quoted\" value with \\ backslash and $(not run)' \\\n"
+        "    GREETING_COPY=\"$GREETING\"\n"
+        "RUN adduser -D -u 1500 web\n"
+        "COPY --from=builder /out/artifact.txt /srv/artifact.txt\n"
+        "COPY --chown=web site/ /srv/www/\n"
+        "WORKDIR /srv/www\n"
+        "USER web\n"
+        "EXPOSE 8080\n"
+        'CMD ["busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"]\n'
+    )
+    name = f"tiny-dockerfile-{RUN_ID}"
+    env = dict(os.environ)
+    result = subprocess.run(
+        ["hearth", "template", "build", "--name", name, "--dockerfile", str(context / "Dockerfile"),
+         "--cpu-count", "1", "--memory-mb", "256"],
+        env=env, capture_output=True, text=True, timeout=800,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    sbx = Sandbox.create(name, timeout=300)
+    try:
+        page = proxy_get_by_host(sbx, 8080, "/index.html")
+        assert page.status_code == 200 and page.text == "dockerfile site\n"
+        assert run_ok(sbx, "whoami").strip() == "web"
+        assert run_ok(sbx, "pwd").strip() == "/srv/www"
+        assert run_ok(sbx, 'printf %s "$QUOTED"') == 'a "quoted" value with \\ backslash and $(not run)'
+        assert run_ok(sbx, 'printf %s "$GREETING_COPY"') == "hello world"
+        assert sbx.files.read("/srv/artifact.txt") == "built-in-stage-one\n"
+        assert run_ok(sbx, "stat -c %U /srv/www/index.html").strip() == "web"
+        assert run_ok(sbx, "test ! -e /srv/www/secret.key && echo ignored").strip() == "ignored"
+    finally:
+        kill_quietly(sbx.sandbox_id)
+
+
+def test_unsupported_dockerfile_instruction_fails_with_its_line(tiny_image: str, tmp_path: Path) -> None:
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(f"FROM {tiny_image}\nRUN true\nHEALTHCHECK CMD true\n")
+    result = subprocess.run(
+        ["hearth", "template", "build", "--name", f"bad-{RUN_ID}", "--dockerfile", str(dockerfile)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "line 3" in output and "HEALTHCHECK" in output, output
+
+
+@pytest.mark.timeout(600)
+def test_start_command_that_exits_fails_the_build_with_its_output(tiny_image: str) -> None:
+    template = Template().from_image(tiny_image).set_start_cmd(
+        "echo start-command-said-this; exit 3", "nc -z 127.0.0.1 9"
+    )
+    with pytest.raises(BuildException) as failure:
+        Template.build(template, f"tiny-exits-{RUN_ID}", cpu_count=1, memory_mb=256)
+    assert "start-command-said-this" in str(failure.value)
+    with pytest.raises(Exception):
+        Sandbox.create(f"tiny-exits-{RUN_ID}", timeout=30)
+
+
+@pytest.mark.timeout(900)
+def test_base_image_and_deleting_a_template_in_use(tmp_path: Path) -> None:
+    name = f"base-derived-{RUN_ID}"
+    template = Template().from_base_image().run_cmd("echo from-build > /home/user/built.txt", user="user")
+    Template.build(template, name)
+    sbx = Sandbox.create(name, timeout=300)
+    try:
+        assert run_ok(sbx, "whoami").strip() == "user"
+        assert run_ok(sbx, "pwd").strip() == "/home/user"
+        assert sbx.files.read("/home/user/built.txt") == "from-build\n"
+
+        delete_template(name)
+        # The running sandbox keeps working; new creates are refused.
+        assert run_ok(sbx, "cat /home/user/built.txt") == "from-build\n"
+        sbx.files.write("/home/user/after-delete.txt", "still here")
+        assert sbx.files.read("/home/user/after-delete.txt") == "still here"
+        with pytest.raises(Exception):
+            Sandbox.create(name, timeout=30)
+    finally:
+        kill_quietly(sbx.sandbox_id)
