@@ -33,6 +33,9 @@ template_dir="$(hearth template path base --data-dir "$data_dir")"
 
 export HEARTH_TEST_TEMPLATE_DIR="$template_dir"
 export HEARTH_TEST_ENVD="/usr/local/lib/hearth/envd"
+# Pushes the SDK suite's test images into the registry that tests start on loopback.
+cargo build --release --locked -p hearth-oci --bin hearth-oci-push
+export HEARTH_OCI_PUSH="$root_dir/target/release/hearth-oci-push"
 cargo test --release --locked --workspace -- --test-threads=2
 
 netns_before=$(ip netns list | wc -l)

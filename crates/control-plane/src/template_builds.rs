@@ -368,7 +368,7 @@ impl ControlPlane {
         let count_ok = match kind.as_str() {
             "RUN" => (1..=2).contains(&count),
             "COPY" => (2..=4).contains(&count),
-            "ENV" => count >= 2 && count % 2 == 0,
+            "ENV" => count >= 2 && count.is_multiple_of(2),
             "WORKDIR" | "USER" => count == 1,
             _ => {
                 return Err(ApiError::bad_request(format!(

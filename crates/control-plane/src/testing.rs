@@ -215,7 +215,7 @@ impl SandboxRuntime for RecordingRuntime {
 }
 
 /// A template builder that records every spec, writes a configurable number of log lines
-/// and then succeeds or fails as told. It builds nothing.
+/// and then succeeds or fails as configured. It builds nothing.
 pub struct RecordingBuilder {
     specs: Mutex<Vec<crate::builds::BuildSpec>>,
     failure: Mutex<Option<crate::builds::BuildFailure>>,

@@ -24,7 +24,7 @@ const BZIP2_MAGIC: &[u8] = b"BZh";
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
 
 /// Returns the compression of the tar archive at `path`, or `None` when the file is not a tar
-/// archive (also when it is compressed but holds something else).
+/// archive (also when it is compressed but contains something else).
 pub(crate) fn detect(path: &Path) -> io::Result<Option<Compression>> {
     let mut magic = [0u8; 6];
     let read = read_up_to(&mut File::open(path)?, &mut magic)?;

@@ -4,8 +4,8 @@
 //! - Sources are relative to the context root; a leading `/` is ignored and `..` may not leave
 //!   the context. A source that is a symlink is followed, but only to a target inside the context.
 //! - A directory source copies its contents, not the directory itself, into the destination.
-//! - A destination ending in `/` (or `.`), several sources or a pattern matching several paths
-//!   make the destination a directory; several literal sources require the trailing `/`.
+//! - The destination is a directory when it ends in `/` (or `.`), when there are several
+//!   sources, or when a pattern matches several paths. Several literal sources require the `/`.
 //! - A relative destination is resolved against the working directory.
 //! - Patterns (`*`, `?`, `[...]`) may match nothing, which copies nothing, as in BuildKit.
 //! - Paths excluded by `.dockerignore` are not in the context: a literal source that is
@@ -38,9 +38,9 @@ pub struct CopyEntry {
     /// extract into.
     pub guest_path: String,
     pub kind: EntryKind,
-    /// Set for a single file copied to a destination without a trailing `/`: Docker writes it
-    /// at `guest_path`, unless `guest_path` already exists as a directory in the guest, in
-    /// which case the file goes inside it under its source name (`file_name`).
+    /// Set for a single file copied to a destination without a trailing `/`. Docker writes such
+    /// a file at `guest_path`, but when `guest_path` already exists as a directory in the guest,
+    /// the file goes inside it as `guest_path/file_name`.
     pub into_existing_dir: bool,
     /// The name the file has in the context, for `into_existing_dir`.
     pub file_name: String,
@@ -343,7 +343,7 @@ mod tests {
     use std::io::Write;
     use std::os::unix::fs::symlink;
 
-    /// A context directory:
+    /// Creates a context directory:
     /// `a.txt b.txt app.log dir/{x.txt, skip.log, sub/y.txt, link->x.txt} vendor/{keep.txt, drop.txt}
     /// to_a -> a.txt, escape -> /etc, archive.tar{,.gz,.xz,.bz2,.zst}, plain.gz, fake.zst, empty/`.
     fn context() -> tempfile::TempDir {

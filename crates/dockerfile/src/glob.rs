@@ -1,7 +1,7 @@
 //! Shell patterns for one path component, with the rules of Go's `path/filepath.Match`, which
-//! Docker uses for COPY and ADD sources: `*` matches any run of characters, `?` one character,
-//! `[...]` a class (`[^...]` negated, `a-z` ranges) and `\` makes the next character literal.
-//! Unlike a shell, `*` also matches a leading dot.
+//! Docker uses for COPY and ADD sources. `*` matches any run of characters and `?` one
+//! character. `[...]` is a class (`[^...]` negated, `a-z` ranges), and `\` makes the next
+//! character literal. Unlike a shell, `*` also matches a leading dot.
 
 /// An invalid pattern, such as an unterminated `[` class or a trailing `\`.
 #[derive(Debug, Clone, PartialEq, Eq)]

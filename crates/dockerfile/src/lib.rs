@@ -53,7 +53,7 @@ pub struct Stage {
     pub instructions: Vec<Instruction>,
 }
 
-/// What a stage starts from.
+/// The starting point of a stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageBase {
     /// An image reference, after ARG substitution (`debian:12`, `ghcr.io/org/img@sha256:...`).
@@ -74,8 +74,8 @@ pub struct Instruction {
 /// A supported instruction with its arguments processed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstructionKind {
-    /// A command for the build VM. `env` holds the build arguments in scope, in declaration
-    /// order, that RUN sees as environment variables: those with a value and not overridden by
+    /// A command for the build VM. `env` contains the build arguments in scope, in declaration
+    /// order, that RUN receives as environment variables: those with a value and not overridden by
     /// an ENV of the same name.
     Run { command: Command, env: Vec<(String, String)> },
     /// COPY (`add == false`) or ADD. Sources and dest are substituted but not resolved; pass
@@ -120,7 +120,7 @@ pub enum CopyFrom {
     Image(String),
 }
 
-/// What a base image contributes to the stages built on it.
+/// The parts of a base image's configuration that stages built on it inherit.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BaseImageConfig {
     /// The image's environment (`Config.Env`), in order.
@@ -146,4 +146,77 @@ pub fn parse_with_base_images(
     base_config: &mut dyn FnMut(&str) -> Result<BaseImageConfig, String>,
 ) -> Result<Dockerfile, ParseError> {
     parse::parse_dockerfile(text, build_args, base_config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn parse_then_plan_copy_from_context() {
+        let context = tempfile::tempdir().unwrap();
+        fs::create_dir_all(context.path().join("app/__pycache__")).unwrap();
+        fs::write(context.path().join("app/main.py"), "print('hi')\n").unwrap();
+        fs::write(context.path().join("app/__pycache__/main.pyc"), "bytecode").unwrap();
+        fs::write(context.path().join("requirements.txt"), "requests\n").unwrap();
+        let ignore = IgnoreMatcher::parse("**/__pycache__\n");
+
+        let text = "\
+# syntax=docker/dockerfile:1
+ARG PY=3.12
+FROM python:${PY}-slim AS base
+ARG APP_HOME=/srv/app
+ENV APP_HOME=$APP_HOME \\
+    GREETING=\"hello \\\"world\\\"\"
+WORKDIR $APP_HOME
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+COPY --chown=1000:1000 app/ ./app
+USER 1000
+CMD [\"python\", \"app/main.py\"]
+";
+        let dockerfile = parse(text, &BTreeMap::from([("PY".to_string(), "3.11".to_string())])).unwrap();
+        let stage = &dockerfile.stages[0];
+        assert_eq!(stage.base, StageBase::Image("python:3.11-slim".into()));
+        assert_eq!(stage.line, 3);
+
+        let env = &stage.instructions[0];
+        assert_eq!(env.line, 5);
+        assert_eq!(
+            env.kind,
+            InstructionKind::Env(vec![
+                ("APP_HOME".into(), "/srv/app".into()),
+                ("GREETING".into(), "hello \"world\"".into()),
+            ])
+        );
+
+        let mut planned = Vec::new();
+        for instruction in &stage.instructions {
+            if let InstructionKind::Copy { sources, dest, workdir, from: None, add: false, .. } = &instruction.kind {
+                let plan = plan_copy(context.path(), sources, dest, workdir, &ignore).unwrap();
+                planned.extend(plan.entries.into_iter().map(|entry| (entry.guest_path, entry.kind)));
+            }
+        }
+        assert_eq!(
+            planned,
+            vec![
+                ("/srv/app/requirements.txt".to_string(), EntryKind::File),
+                ("/srv/app/app".to_string(), EntryKind::Dir),
+                ("/srv/app/app/main.py".to_string(), EntryKind::File),
+            ]
+        );
+
+        let last = stage.instructions.last().unwrap();
+        assert_eq!(last.kind, InstructionKind::Cmd(Command::Exec(vec!["python".into(), "app/main.py".into()])));
+        assert_eq!(last.line, 12);
+    }
+
+    #[test]
+    fn arg_with_empty_name_is_rejected() {
+        let err = parse("FROM a\nARG =x\n", &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.to_string(), "line 2: ARG: ARG name is empty in \"=x\"");
+        let err = parse("FROM a\nARG\n", &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.to_string(), "line 2: ARG: ARG requires at least one argument");
+    }
 }

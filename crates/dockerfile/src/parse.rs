@@ -30,8 +30,8 @@ const PLATFORM_ARGS: [(&str, &str); 8] = [
     ("BUILDVARIANT", ""),
 ];
 
-/// Build arguments that RUN sees when given, without an ARG instruction (Docker's predefined
-/// proxy arguments).
+/// Build arguments passed to RUN when given, even without an ARG instruction (Docker's
+/// predefined proxy arguments).
 const PREDEFINED_ARGS: [&str; 10] = [
     "HTTP_PROXY",
     "http_proxy",
@@ -92,8 +92,8 @@ pub(crate) fn parse_dockerfile(
     Ok(Dockerfile { stages: parser.stages })
 }
 
-/// The `AS` name of every FROM line in order, lower-cased, found before parsing so that a
-/// reference to a later stage can be told apart from an image name.
+/// Collects the `AS` name of every FROM line in order, lower-cased, before parsing, so that a
+/// reference to a later stage is distinguished from an image name.
 fn declared_stage_names(lines: &[LogicalLine]) -> Vec<Option<String>> {
     lines
         .iter()
@@ -181,7 +181,7 @@ impl Context<'_> {
     }
 }
 
-/// How an instruction's flag takes its value.
+/// The value type of an instruction flag.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum FlagKind {
     Bool,
@@ -298,7 +298,7 @@ impl<'a> Parser<'a> {
         if image.is_empty() {
             return Err(ctx.error(format!("base image {args:?} is empty after ARG substitution")));
         }
-        // The previous stage is complete now, so a stage built on it sees its final state.
+        // The previous stage is complete now, so a stage built on it starts from its final state.
         self.finish_stage();
         let (base, state) = self.resolve_base(ctx, &image, index)?;
         self.current = Some(state);
@@ -413,7 +413,7 @@ impl<'a> Parser<'a> {
         Ok(InstructionKind::Run { command, env: self.run_env() })
     }
 
-    /// The build arguments RUN sees: those in scope with a value and not shadowed by ENV.
+    /// Returns the build arguments passed to RUN: those in scope with a value and not shadowed by ENV.
     fn run_env(&self) -> Vec<(String, String)> {
         let state = self.state();
         let shadowed = |name: &str| state.env.iter().any(|(key, _)| key == name);
@@ -557,8 +557,8 @@ impl<'a> Parser<'a> {
     }
 
     /// Reads `name=value ...` pairs, or the legacy `name value` form when the first word has no
-    /// `=`, then substitutes variables in names and values. Every value sees the variables as
-    /// they were before this instruction.
+    /// `=`, then substitutes variables in names and values. Every value is expanded with
+    /// the variables as they were before this instruction.
     fn parse_pairs(&self, ctx: &Context, args: &str) -> Result<Vec<(String, String)>, ParseError> {
         let words = split_words(args, self.escape);
         let Some(first) = words.first() else {
@@ -638,7 +638,7 @@ fn platform_arg(name: &str) -> Option<String> {
     PLATFORM_ARGS.iter().find(|(key, _)| *key == name).map(|(_, value)| value.to_string())
 }
 
-/// Returns why an instruction Docker knows is rejected here, or `None` for the others.
+/// Returns the reason a Docker instruction is rejected here, or `None` for supported ones.
 fn unsupported_reason(instruction: &str) -> Option<&'static str> {
     Some(match instruction {
         "HEALTHCHECK" => "HEALTHCHECK is not supported: a template's readiness is checked by its ready command",
@@ -803,7 +803,7 @@ ENV F="$(rm -rf /)" G=\$HOME H=`id` I=$(id) J="it's" K='say "hi"' L="" M=
     }
 
     #[test]
-    fn env_backslash_before_ordinary_char_in_double_quotes_is_kept() {
+    fn env_double_quoted_backslash_kept() {
         let env = env_of(&parse_ok("FROM a\nENV P=\"C:\\dir\\file\" Q=\"\\\\\" R=\"\\$\"\n"), 0, 0);
         assert_eq!(env, pairs(&[("P", r"C:\dir\file"), ("Q", r"\"), ("R", "$")]));
     }

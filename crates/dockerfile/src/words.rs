@@ -433,8 +433,8 @@ fn unset_error(name: &str, word: &str, default_message: &str) -> ExpandError {
 }
 
 fn unsupported_modifier(modifier: Option<char>) -> ExpandError {
-    let shown = modifier.map(String::from).unwrap_or_default();
-    ExpandError(format!("unsupported modifier ({shown}) in substitution"))
+    let modifier_text = modifier.map(String::from).unwrap_or_default();
+    ExpandError(format!("unsupported modifier ({modifier_text}) in substitution"))
 }
 
 struct Scan {

@@ -694,7 +694,7 @@ async fn finalize_guest(
             user: &state.user,
             cwd: Some(&state.workdir),
             env: &state.env,
-            timeout: Duration::from_secs(365 * 24 * 3600),
+            timeout: Duration::from_secs(60),
         };
         background = Some(agent.start_background(&spec).await.map_err(|err| fail(format!("failed to start `{}`: {err}", start.command)))?);
     }

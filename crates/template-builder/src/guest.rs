@@ -204,7 +204,7 @@ impl GuestAgent {
         let started = Instant::now();
 
         let outcome = tokio::time::timeout_at(deadline, async {
-            let mut events = self.start_stream(spec).await?;
+            let mut events = self.start_stream(spec, Some(spec.timeout.saturating_add(ENVD_DEADLINE_MARGIN))).await?;
             loop {
                 let Some(event) = events.next_event().await? else {
                     return Err(GuestError::Protocol {
@@ -257,7 +257,7 @@ impl GuestAgent {
     /// and end until the returned handle is dropped; the process keeps running after that.
     pub async fn start_background(&self, spec: &RunSpec<'_>) -> Result<BackgroundProcess, GuestError> {
         let events = tokio::time::timeout(spec.timeout, async {
-            let mut events = self.start_stream(spec).await?;
+            let mut events = self.start_stream(spec, None).await?;
             loop {
                 match events.next_event().await? {
                     Some(Event::Start(start)) => return Ok((start.pid, events)),
@@ -374,7 +374,9 @@ impl GuestAgent {
     }
 
     /// Sends `process.Process/Start` and returns the response's event stream.
-    async fn start_stream(&self, spec: &RunSpec<'_>) -> Result<EventStream, GuestError> {
+    /// Opens a Start stream. `envd_deadline`, when given, ends the process in envd after
+    /// that long; a background process gets none.
+    async fn start_stream(&self, spec: &RunSpec<'_>, envd_deadline: Option<Duration>) -> Result<EventStream, GuestError> {
         let request = StartRequest {
             process: Some(ProcessConfig {
                 cmd: spec.cmd.to_string(),
@@ -390,14 +392,16 @@ impl GuestAgent {
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{}:", spec.user))
         );
-        let envd_deadline = spec.timeout.saturating_add(ENVD_DEADLINE_MARGIN);
         let url = self.url("/process.Process/Start");
-        let response = self
+        let mut request_builder = self
             .client
             .post(&url)
             .header("content-type", "application/connect+proto")
-            .header("connect-protocol-version", "1")
-            .header("connect-timeout-ms", envd_deadline.as_millis().to_string())
+            .header("connect-protocol-version", "1");
+        if let Some(deadline) = envd_deadline {
+            request_builder = request_builder.header("connect-timeout-ms", deadline.as_millis().to_string());
+        }
+        let response = request_builder
             .header("authorization", authorization)
             .body(envelope(0, &request.encode_to_vec()))
             .send()

@@ -189,8 +189,8 @@ impl Store {
         if updated > 0 {
             // A template without a ready build reports the status of the build it carries.
             sqlx::query(
-                "UPDATE templates SET status = 'building', updated_at = $2 \
-                 WHERE build_id = $1 AND status <> 'ready'",
+                "UPDATE templates SET status = 'building', updated_at = $2 WHERE status <> 'ready' \
+                 AND template_id = (SELECT template_id FROM template_builds WHERE build_id = $1)",
             )
             .bind(build_id.as_str())
             .bind(now)
@@ -276,7 +276,8 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE templates SET status = 'error', updated_at = $2 WHERE build_id = $1 AND status <> 'ready'",
+            "UPDATE templates SET status = 'error', updated_at = $2 WHERE status <> 'ready' \
+             AND template_id = (SELECT template_id FROM template_builds WHERE build_id = $1)",
         )
         .bind(build_id.as_str())
         .bind(now)

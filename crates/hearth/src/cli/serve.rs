@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::template::{ensure_base_template, EnvdArgs};
+use hearth_node_agent::builder::{BuildSettings, NodeTemplateBuilder};
 use super::DataDirArgs;
 
 /// Arguments of `hearth serve`.
@@ -24,6 +25,10 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     envd: EnvdArgs,
+    /// Registries that template builds reach over plain HTTP (`host:port`), besides
+    /// loopback ones, which always use HTTP. Comma-separated in the environment.
+    #[arg(long = "plain-http-registry", env = "HEARTH_PLAIN_HTTP_REGISTRIES", value_delimiter = ',')]
+    plain_http_registries: Vec<String>,
 
     #[command(flatten)]
     vmm: super::vmm::VmmArgs,
@@ -148,8 +153,17 @@ async fn serve_until_signal(
     api_listener: TcpListener,
     proxy_listener: TcpListener,
 ) -> anyhow::Result<()> {
-    // TODO(lead): wire the node agent's builder
-    let template_builder = None;
+    // Build VMs add a disk layer per step to a running guest, which only the QEMU driver
+    // does; on Firecracker hosts the build routes answer 501 (see docs/templates.md).
+    let template_builder: Option<Arc<dyn hearth_control_plane::builds::TemplateBuilder>> =
+        if driver.kind() == hearth_vmm::VmmKind::Qemu {
+            let mut settings = BuildSettings::new(args.envd.resolve()?);
+            settings.plain_http_registries = args.plain_http_registries.clone();
+            Some(Arc::new(NodeTemplateBuilder::new(node.clone(), settings)))
+        } else {
+            tracing::warn!(vmm = %driver.kind(), "template builds need the QEMU driver; the build API is off");
+            None
+        };
     let (router, control_plane) =
         hearth_control_plane::build_with_template_builder(cp_config, node.clone(), template_builder)
         .await

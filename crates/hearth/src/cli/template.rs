@@ -31,7 +31,7 @@ pub struct EnvdArgs {
 }
 
 impl EnvdArgs {
-    fn resolve(&self) -> anyhow::Result<PathBuf> {
+    pub(crate) fn resolve(&self) -> anyhow::Result<PathBuf> {
         if let Some(path) = &self.envd_path {
             anyhow::ensure!(path.is_file(), "envd binary {} not found", path.display());
             return Ok(path.clone());

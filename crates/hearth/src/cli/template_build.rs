@@ -79,6 +79,9 @@ struct CreateTemplateRequest<'a> {
     cpu_count: Option<u32>,
     #[serde(rename = "memoryMB", skip_serializing_if = "Option::is_none")]
     memory_mb: Option<u32>,
+    /// Sent only with `--no-cache`.
+    // NOTE: the control plane's `DockerfileBuildRequest` rejects unknown fields and has no
+    // `force` yet, so `--no-cache` fails with HTTP 400 until the server accepts it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     force: bool,
 }

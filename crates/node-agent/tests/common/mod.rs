@@ -1,4 +1,5 @@
 //! Helpers of the node agent's VM tests.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
