@@ -160,7 +160,7 @@ def test_sdk_template_from_a_registry_image(tiny_image: str, tmp_path: Path) -> 
             .set_workdir("/srv/www")
             .set_user("app")
             .run_cmd(last_step)
-            .set_start_cmd("busybox httpd -f -p 8080 -h /srv/www", "nc -z 127.0.0.1 8080")
+            .set_start_cmd("busybox httpd -f -p 8080 -h /srv/www", "wget -q -O /dev/null http://127.0.0.1:8080/index.html")
         )
 
     logs: list[str] = []

@@ -81,6 +81,9 @@ pub struct BuildSpec {
     /// Directory of uploaded files: `<files_dir>/<hash>` is the archive a `COPY` step or a
     /// Dockerfile context names by hash.
     pub files_dir: PathBuf,
+    /// The ready build of Hearth's base template: the build VM boots its kernel and
+    /// initramfs, and a Dockerfile's `FROM e2bdev/base` starts from it.
+    pub base_template: Option<(TemplateId, BuildId)>,
 }
 
 /// Level of a build log line, as the SDK's `LogEntry.level` expects.

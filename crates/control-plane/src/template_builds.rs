@@ -274,9 +274,10 @@ impl ControlPlane {
                 )));
             }
         }
+        let force = body.force.unwrap_or(false);
         let source = BuildSource::Dockerfile { text: dockerfile, context_hash: body.context_hash };
         let start = BuildStartRecord { start_cmd: build.start_cmd.clone(), ready_cmd: build.ready_cmd.clone() };
-        self.launch_build(builder, build, source, Vec::new(), start, false).await
+        self.launch_build(builder, build, source, Vec::new(), start, force).await
     }
 
     /// Returns the build, which must be `waiting`: 404 when it does not exist, 409 when it
@@ -418,6 +419,10 @@ impl ControlPlane {
     ) -> Result<(), ApiError> {
         // NOTE: minFreeDiskMb is stored but BuildSpec has no field for it yet, so the
         // builder does not grow the disk for it.
+        let base_template = match self.store().find_template(BASE_TEMPLATE_ALIAS).await? {
+            Some(base) if base.status == BuildStatus::Ready => Some((base.template_id, base.build_id)),
+            _ => None,
+        };
         let spec = BuildSpec {
             template_id: build.template_id.clone(),
             build_id: build.build_id.clone(),
@@ -429,6 +434,7 @@ impl ControlPlane {
             memory_mib: build.memory_mib,
             force,
             files_dir: self.files().dir().to_owned(),
+            base_template,
         };
         if !self.store().mark_build_started(&build.build_id, &start).await? {
             return Err(build_already_started(&build));

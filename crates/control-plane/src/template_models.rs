@@ -202,6 +202,8 @@ pub struct DockerfileBuildStart {
     /// Hash of an uploaded tar archive of the build context.
     #[serde(rename = "contextHash")]
     pub context_hash: Option<String>,
+    /// Run every step again instead of using cached results.
+    pub force: Option<bool>,
 }
 
 /// Body of `PATCH /templates/{templateID}` and `PATCH /v2/templates/{templateID}`.

@@ -15,14 +15,15 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-const USAGE: &str = "usage: envd build-copy --archive TAR --dest PATH [--owner SPEC] [--mode OCTAL] [--file]\n\
+const USAGE: &str = "usage: envd build-copy --archive TAR --dest PATH [--owner SPEC] [--mode OCTAL] [--file] [--remove-archive]\n\
   --archive TAR   plain tar whose entry names are relative paths\n\
   --dest PATH     absolute destination directory (or file path with --file), created when missing\n\
   --owner SPEC    owner of every copied file and created directory: user, user:group, uid or uid:gid\n\
                   (default 0:0); a user without a group gets the user's primary group\n\
   --mode OCTAL    permission bits of every copied file and directory (default: the archive's)\n\
   --file          the archive contains one regular file, written at PATH, or inside PATH when PATH\n\
-                  is an existing directory";
+                  is an existing directory\n\
+  --remove-archive  delete TAR afterwards, whether the copy worked or not";
 
 /// Permission bits of the directories that the copy creates and the archive does not list.
 const CREATED_DIR_MODE: u32 = 0o755;
@@ -91,6 +92,9 @@ pub struct CopyOptions {
     pub single_file: bool,
     /// Root of the file system whose `/etc/passwd` and `/etc/group` resolve `owner`.
     pub root: PathBuf,
+    /// Delete the archive afterwards, whether the copy worked or not. Template builds stage
+    /// archives in the guest's `/tmp`, which the template's snapshot would otherwise keep.
+    pub remove_archive: bool,
 }
 
 /// Counts of what a copy wrote.
@@ -115,7 +119,13 @@ pub fn run(args: impl Iterator<Item = String>) -> i32 {
             return 2;
         }
     };
-    match copy_archive(&options) {
+    let copied = copy_archive(&options);
+    if options.remove_archive {
+        if let Err(err) = std::fs::remove_file(&options.archive) {
+            eprintln!("envd build-copy: failed to remove {}: {err}", options.archive.display());
+        }
+    }
+    match copied {
         Ok(summary) => {
             println!(
                 "copied {} files ({} bytes), {} directories and {} links to {}",
@@ -160,6 +170,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<CopyOptions>,
     let mut owner = None;
     let mut mode = None;
     let mut single_file = false;
+    let mut remove_archive = false;
     // Hidden: tests point the passwd and group lookups at a temporary root.
     let mut root = PathBuf::from("/");
 
@@ -179,6 +190,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<CopyOptions>,
                 mode = Some(bits);
             }
             "--file" => single_file = true,
+            "--remove-archive" => remove_archive = true,
             "--root" => root = PathBuf::from(value("--root")?),
             "--help" | "-h" => return Ok(None),
             other => return Err(CopyError::Usage(format!("unknown argument {other:?}"))),
@@ -191,6 +203,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<CopyOptions>,
         mode,
         single_file,
         root,
+        remove_archive,
     }))
 }
 
@@ -646,6 +659,7 @@ mod tests {
                 archive,
                 dest: self.path(dest),
                 owner: None,
+                remove_archive: false,
                 mode: None,
                 single_file: false,
                 root: self.root(),

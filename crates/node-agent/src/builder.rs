@@ -20,7 +20,6 @@ use hearth_template_builder::custom::{
     StartSpec, StepRef,
 };
 use hearth_template_builder::plan::{self, SdkStep};
-use hearth_types::TemplateId;
 use hearth_vmm::MachineSize;
 
 use crate::NodeAgent;
@@ -43,7 +42,8 @@ pub struct BuildSettings {
 }
 
 impl BuildSettings {
-    /// Defaults: an 8 GiB disk, one hour per step, two minutes to become ready.
+    /// Defaults: an 8 GiB disk, one hour per step, two minutes to become ready, three
+    /// minutes for the build VM's boots.
     pub fn new(envd_binary: impl Into<PathBuf>) -> Self {
         Self {
             envd_binary: envd_binary.into(),
@@ -51,7 +51,7 @@ impl BuildSettings {
             plain_http_registries: Vec::new(),
             step_timeout: Duration::from_secs(3600),
             ready_timeout: Duration::from_secs(120),
-            boot_timeout: Duration::from_secs(120),
+            boot_timeout: Duration::from_secs(180),
         }
     }
 }
@@ -95,7 +95,12 @@ impl NodeTemplateBuilder {
                 log.append(level, Some(&step.to_string()), line);
             }
         };
-        let boot = boot_artifacts(self.data_dir()).map_err(base_fail)?;
+        let (base_id, base_build) = spec
+            .base_template
+            .clone()
+            .ok_or_else(|| base_fail("the base template has no ready build; run `hearth template build-base`".into()))?;
+        let base_dir = self.data_dir().template_build(&base_id, &base_build).dir().to_owned();
+        let boot = boot_artifacts(&base_dir).map_err(base_fail)?;
         let settings = self.base_settings();
         let work_dir = self.data_dir().cache_dir().join("build-work").join(spec.build_id.as_str());
         let _ = tokio::fs::remove_dir_all(&work_dir).await;
@@ -151,6 +156,7 @@ impl NodeTemplateBuilder {
                         work_dir: &work_dir,
                         start_cmd: spec.start_cmd.as_deref(),
                         ready_cmd: spec.ready_cmd.as_deref(),
+                        base_build_dir: &base_dir,
                     };
                     plan::dockerfile_plan(&request, &settings, &options, self.agent.driver(), &slot, &emit).await?
                 }
@@ -207,28 +213,11 @@ impl NodeTemplateBuilder {
     }
 }
 
-/// Kernel and initramfs of the newest ready build of the `base` template, which every
-/// template boots.
-fn boot_artifacts(data_dir: &DataDir) -> Result<BootArtifacts, String> {
-    let base = TemplateId::parse("base").expect("valid template ID");
-    let dir = data_dir.templates_dir().join(base.as_str());
-    let entries = std::fs::read_dir(&dir)
-        .map_err(|err| format!("the base template is not built ({}: {err}); run `hearth template build-base`", dir.display()))?;
-    let mut newest: Option<(u64, TemplateBuildPaths, TemplateManifest)> = None;
-    for entry in entries.flatten() {
-        let paths = TemplateBuildPaths::new(entry.path());
-        if !paths.is_ready() {
-            continue;
-        }
-        let Ok(manifest) = TemplateManifest::load(&paths.manifest()) else { continue };
-        if manifest.snapshot.is_some() {
-            continue;
-        }
-        if newest.as_ref().is_none_or(|(time, _, _)| manifest.created_at_unix_secs > *time) {
-            newest = Some((manifest.created_at_unix_secs, paths, manifest));
-        }
-    }
-    let (_, paths, manifest) = newest.ok_or_else(|| "the base template has no ready build; run `hearth template build-base`".to_owned())?;
+/// Kernel and initramfs of the base template's ready build, which every build VM boots.
+fn boot_artifacts(base_dir: &Path) -> Result<BootArtifacts, String> {
+    let paths = TemplateBuildPaths::new(base_dir);
+    let manifest = TemplateManifest::load(&paths.manifest())
+        .map_err(|err| format!("the base template build {} is not usable: {err}", base_dir.display()))?;
     Ok(BootArtifacts {
         kernel: paths.kernel(),
         initrd: paths.initrd(),

@@ -39,6 +39,10 @@ const GUEST_STAGING: &str = "/tmp/.hearth-build";
 /// Lines of a failed command's output quoted in the build error.
 const FAILURE_TAIL_LINES: usize = 20;
 
+/// Boots of the build VM tried before the build fails; each gets an equal share of
+/// [`CustomBuildOptions::boot_timeout`].
+const BOOT_ATTEMPTS: u32 = 3;
+
 /// Interval between two runs of the ready check.
 const READY_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -488,11 +492,7 @@ async fn build_in(
         }
         None => final_layer.clone(),
     };
-    create_overlay_over(&boot_layer, &top.0, top.1, disk_size)
-        .map_err(|err| CustomBuildError::new(StepRef::Base, format!("failed to create layer: {err}")))?;
     let mut active_layer: Option<String> = first_disk_step.map(|index| keys[index].clone());
-
-    log(&StepRef::Base, LogKind::Info, &format!("booting the build VM ({})", driver.kind()));
     let spec = BootSpec {
         machine: options.machine,
         memory_file: paths.memory(),
@@ -502,10 +502,43 @@ async fn build_in(
         disk: DiskSpec { path: boot_layer.clone(), format: DiskFormat::Qcow2 },
         placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: staging.to_owned() },
     };
-    let mut vm = driver
-        .boot(&spec)
-        .await
-        .map_err(|err| CustomBuildError::new(StepRef::Base, format!("build VM failed to start: {err}")))?;
+    let agent = GuestAgent::new(format!("http://{}:{ENVD_PORT}", slot.guest_route_ip));
+    let attempt_timeout = options.boot_timeout / BOOT_ATTEMPTS;
+    let mut attempt = 1;
+    let mut vm = loop {
+        // Every attempt boots on a fresh layer: a failed boot may have written to it.
+        let _ = std::fs::remove_file(&boot_layer);
+        create_overlay_over(&boot_layer, &top.0, top.1, disk_size)
+            .map_err(|err| CustomBuildError::new(StepRef::Base, format!("failed to create layer: {err}")))?;
+        log(&StepRef::Base, LogKind::Info, &format!("booting the build VM ({})", driver.kind()));
+        let booted = Instant::now();
+        let mut vm = driver
+            .boot(&spec)
+            .await
+            .map_err(|err| CustomBuildError::new(StepRef::Base, format!("build VM failed to start: {err}")))?;
+        match agent.wait_healthy(attempt_timeout).await {
+            Ok(()) => {
+                log(&StepRef::Base, LogKind::Info, &format!("build VM up after {:.1} s", booted.elapsed().as_secs_f64()));
+                break vm;
+            }
+            Err(err) => {
+                let tail = console_tail(&*vm);
+                let _ = vm.stop().await;
+                if attempt < BOOT_ATTEMPTS {
+                    // Under TCG on a loaded host a guest kernel can stall in its timer
+                    // calibration before userspace; a fresh boot usually gets through.
+                    log(&StepRef::Base, LogKind::Warn, &format!("the build VM did not answer ({err}); booting it again"));
+                    attempt += 1;
+                    continue;
+                }
+                let _ = std::fs::remove_file(&boot_layer);
+                return Err(CustomBuildError::new(
+                    StepRef::Base,
+                    format!("envd in the build VM did not answer after {BOOT_ATTEMPTS} boots: {err}; console ends with: {tail}"),
+                ));
+            }
+        }
+    };
     let outcome = run_in_vm(options, plan, &mut *vm, slot, log, &paths, &cache, &keys, first_uncached, &mut state, &mut active_layer, &final_layer, mode).await;
     let stopped = vm.stop().await;
     for (from, to) in [("console.log", paths.build_console_log()), ("vmm.log", staging.join("build-vmm.log"))] {
@@ -598,14 +631,6 @@ async fn run_in_vm(
     mode: &Mode,
 ) -> Result<(), CustomBuildError> {
     let agent = GuestAgent::new(format!("http://{}:{ENVD_PORT}", slot.guest_route_ip));
-    let boot_started = Instant::now();
-    agent.wait_healthy(options.boot_timeout).await.map_err(|err| {
-        CustomBuildError::new(
-            StepRef::Base,
-            format!("envd in the build VM did not answer: {err}; console ends with: {}", console_tail(vm)),
-        )
-    })?;
-    log(&StepRef::Base, LogKind::Info, &format!("build VM up after {:.1} s", boot_started.elapsed().as_secs_f64()));
     agent
         .init(&BTreeMap::new(), Some("root"), Some("/"))
         .await
@@ -876,13 +901,11 @@ async fn copy_into_guest(
     if single_file {
         args.push("--file".to_owned());
     }
+    args.push("--remove-archive".to_owned());
     let env = BTreeMap::new();
     let mut argv = vec![GUEST_ENVD.to_owned()];
     argv.extend(args);
-    let result = run_step_command(agent, options, &argv, "root", "/", &env, step, log).await;
-    let remove = vec![GUEST_ENVD.to_owned(), "build-remove".to_owned(), guest_archive];
-    let _ = remove;
-    result
+    run_step_command(agent, options, &argv, "root", "/", &env, step, log).await
 }
 
 async fn sync_guest(agent: &GuestAgent, step: &StepRef) -> Result<(), CustomBuildError> {

@@ -251,6 +251,8 @@ pub struct DockerfileRequest<'a> {
     pub start_cmd: Option<&'a str>,
     /// Ready command; without one, the exposed TCP ports must accept connections.
     pub ready_cmd: Option<&'a str>,
+    /// Build directory of Hearth's base template, which `FROM e2bdev/base` means.
+    pub base_build_dir: &'a Path,
 }
 
 /// An image a Dockerfile refers to, ready to build on.
@@ -290,9 +292,8 @@ pub async fn dockerfile_plan(
     let mut images: BTreeMap<String, ResolvedImage> = BTreeMap::new();
     for image in referenced_images(&first) {
         let resolved = if is_base_image(&image) {
-            let dir = newest_ready_build(&settings.data_dir, "base").ok_or_else(|| base_error("the base template has no ready build"))?;
             progress(&format!("{image} is Hearth's base template"));
-            let disk = base_disk::from_template(settings, &dir).map_err(|err| base_error(err.to_string()))?;
+            let disk = base_disk::from_template(settings, request.base_build_dir).map_err(|err| base_error(err.to_string()))?;
             let config = config_from_defaults(disk.defaults());
             ResolvedImage { disk, config }
         } else {
@@ -382,23 +383,6 @@ fn config_from_defaults(defaults: &GuestConfig) -> ImageConfig {
         working_dir: defaults.workdir.clone(),
         ..ImageConfig::default()
     }
-}
-
-/// The newest ready build directory of a template, by manifest time.
-pub fn newest_ready_build(data_dir: &hearth_storage::DataDir, template: &str) -> Option<PathBuf> {
-    let dir = data_dir.templates_dir().join(template);
-    let mut best: Option<(u64, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let paths = hearth_storage::TemplateBuildPaths::new(entry.path());
-        if !paths.is_ready() {
-            continue;
-        }
-        let Ok(manifest) = hearth_storage::TemplateManifest::load(&paths.manifest()) else { continue };
-        if manifest.snapshot.is_none() && best.as_ref().is_none_or(|(t, _)| manifest.created_at_unix_secs > *t) {
-            best = Some((manifest.created_at_unix_secs, entry.path()));
-        }
-    }
-    best.map(|(_, path)| path)
 }
 
 fn referenced_images(dockerfile: &Dockerfile) -> BTreeSet<String> {

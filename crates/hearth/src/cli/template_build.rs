@@ -79,11 +79,6 @@ struct CreateTemplateRequest<'a> {
     cpu_count: Option<u32>,
     #[serde(rename = "memoryMB", skip_serializing_if = "Option::is_none")]
     memory_mb: Option<u32>,
-    /// Sent only with `--no-cache`.
-    // NOTE: the control plane's `DockerfileBuildRequest` rejects unknown fields and has no
-    // `force` yet, so `--no-cache` fails with HTTP 400 until the server accepts it.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    force: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +102,9 @@ struct FileUploadResponse {
 #[serde(rename_all = "camelCase")]
 struct StartBuildRequest<'a> {
     context_hash: &'a str,
+    /// Sent only with `--no-cache`: run every step again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    force: bool,
 }
 
 /// Response of `GET /templates/{id}/builds/{buildID}/status`.
@@ -160,7 +158,6 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
                 ready_cmd: args.ready_cmd.as_deref(),
                 cpu_count: args.cpu_count,
                 memory_mb: args.memory_mb,
-                force: args.no_cache,
             }),
         )
         .await
@@ -183,6 +180,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
         &start_path,
         Some(&StartBuildRequest {
             context_hash: &archive.hash,
+            force: args.no_cache,
         }),
     )
     .await
@@ -722,7 +720,6 @@ mod tests {
             ready_cmd: None,
             cpu_count: Some(2),
             memory_mb: Some(1024),
-            force: false,
         };
         let json = serde_json::to_value(&request).unwrap();
         assert_eq!(
