@@ -142,7 +142,7 @@ impl NodeTemplateBuilder {
                 BuildSource::Template { template_id, build_id } => {
                     let dir = self.data_dir().template_build(template_id, build_id);
                     progress(&format!("starting from template {template_id} build {build_id}"));
-                    let base = base_disk::from_template(&settings, dir.dir()).map_err(|err| base_fail(err.to_string()))?;
+                    let base = base_disk::from_template(&settings, dir.dir()).await.map_err(|err| base_fail(err.to_string()))?;
                     self.sdk_plan(&spec, base, &work_dir)?
                 }
                 BuildSource::Dockerfile { text, context_hash } => {

@@ -29,6 +29,8 @@ pub enum BaseDiskError {
     Template(PathBuf),
     #[error("preparing the root filesystem failed: {0}")]
     Rootfs(#[from] crate::rootfs::RootfsError),
+    #[error(transparent)]
+    Command(#[from] crate::command::CommandError),
     #[error("I/O on {path} failed: {source}")]
     Io {
         path: PathBuf,
@@ -147,9 +149,11 @@ pub async fn from_scratch(settings: &BaseDiskSettings) -> Result<BaseDisk, BaseD
     Ok(BaseDisk::Prepared { path: disk, key, defaults: GuestConfig { user: "root".into(), ..GuestConfig::default() } })
 }
 
-/// The base disk of another template's ready build: its root filesystem, hard-linked
-/// into the cache so that deleting the template later does not break cached layers.
-pub fn from_template(settings: &BaseDiskSettings, build_dir: &Path) -> Result<BaseDisk, BaseDiskError> {
+/// The base disk of another template's ready build: a copy of its root filesystem with
+/// the current envd written into it (the build VM needs envd's build subcommands, which a
+/// template built by an older Hearth may lack). The copy is cached, so deleting the
+/// template later does not break cached layers.
+pub async fn from_template(settings: &BaseDiskSettings, build_dir: &Path) -> Result<BaseDisk, BaseDiskError> {
     let paths = TemplateBuildPaths::new(build_dir);
     let manifest = TemplateManifest::load(&paths.manifest()).map_err(|_| BaseDiskError::Template(build_dir.to_owned()))?;
     if manifest.snapshot.is_some() || !paths.rootfs().is_file() {
@@ -162,10 +166,17 @@ pub fn from_template(settings: &BaseDiskSettings, build_dir: &Path) -> Result<Ba
     if !disk.is_file() {
         let partial = dir.join(format!("{key}.ext4.partial"));
         let _ = std::fs::remove_file(&partial);
-        if std::fs::hard_link(paths.rootfs(), &partial).is_err() {
+        let result = async {
             hearth_storage::clone::clone_sparse(&paths.rootfs(), &partial).map_err(io_err(&partial))?;
+            replace_envd(&partial, &settings.envd_binary).await?;
+            hearth_storage::durable::sync_file(&partial).map_err(io_err(&partial))?;
+            std::fs::rename(&partial, &disk).map_err(io_err(&disk))
         }
-        std::fs::rename(&partial, &disk).map_err(io_err(&disk))?;
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result?;
     }
     // The base template predates guest defaults: its sandboxes run as `user` in its home.
     let defaults = manifest.guest.clone().unwrap_or_else(|| GuestConfig {
@@ -174,6 +185,34 @@ pub fn from_template(settings: &BaseDiskSettings, build_dir: &Path) -> Result<Ba
         ..GuestConfig::default()
     });
     Ok(BaseDisk::Prepared { path: disk, key, defaults })
+}
+
+/// Writes `envd` as `/usr/bin/envd` (mode 0755) into the unmounted ext4 image `image`
+/// with `debugfs`.
+async fn replace_envd(image: &Path, envd: &Path) -> Result<(), BaseDiskError> {
+    let image_arg = image.to_string_lossy();
+    let envd_arg = envd.to_string_lossy();
+    let requests = [
+        "rm /usr/bin/envd".to_owned(),
+        format!("write {envd_arg} /usr/bin/envd"),
+        "sif /usr/bin/envd mode 0100755".to_owned(),
+        "sif /usr/bin/envd uid 0".to_owned(),
+        "sif /usr/bin/envd gid 0".to_owned(),
+    ];
+    for request in &requests {
+        // `rm` of a missing file only prints an error; debugfs exits 0 either way, so the
+        // result is checked below.
+        crate::command::run("debugfs", &["-w", "-R", request, &image_arg], None).await?;
+    }
+    let listing = crate::command::run("debugfs", &["-R", "stat /usr/bin/envd", &image_arg], None).await?;
+    let size = std::fs::metadata(envd).map_err(io_err(envd))?.len();
+    if !listing.contains(&format!("Size: {size}")) {
+        return Err(BaseDiskError::Io {
+            path: image.to_owned(),
+            source: std::io::Error::other(format!("envd was not written into the image: {listing}")),
+        });
+    }
+    Ok(())
 }
 
 /// Fills a fresh tree with `fill`, adds the guest files and writes the image to `disk`

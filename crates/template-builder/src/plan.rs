@@ -195,8 +195,35 @@ pub fn write_copy_archive(plan: &CopyPlan, out: &Path) -> Result<CopyArchive, St
         .into_inner()
         .and_then(|file| file.sync_all())
         .map_err(|err| format!("failed to write {}: {err}", out.display()))?;
-    let data = std::fs::read(out).map_err(|err| format!("failed to read {}: {err}", out.display()))?;
-    Ok(CopyArchive { dest, single_file: single.is_some(), content_hash: hex::encode(Sha256::digest(&data)) })
+    let content_hash = archive_content_hash(out).map_err(|err| format!("failed to read {}: {err}", out.display()))?;
+    Ok(CopyArchive { dest, single_file: single.is_some(), content_hash })
+}
+
+/// SHA-256 over what a copy puts in the guest: each entry's name, type, mode, link target
+/// and data, in order. Times are left out, so the same files give the same cache key
+/// whenever they were unpacked.
+fn archive_content_hash(path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut archive = tar::Archive::new(std::io::BufReader::new(std::fs::File::open(path)?));
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let header = entry.header();
+        let name = entry.path_bytes().into_owned();
+        let link = entry.link_name_bytes().map(|link| link.into_owned()).unwrap_or_default();
+        let facts = [
+            name.as_slice(),
+            &[header.entry_type().as_byte()],
+            &header.mode()?.to_le_bytes(),
+            link.as_slice(),
+            &entry.size().to_le_bytes(),
+        ];
+        for fact in facts {
+            hasher.update((fact.len() as u64).to_le_bytes());
+            hasher.update(fact);
+        }
+        std::io::copy(&mut entry, &mut hasher)?;
+    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 fn append_entry(builder: &mut tar::Builder<std::fs::File>, entry: &CopyEntry, name: &str) -> Result<(), String> {
@@ -293,7 +320,7 @@ pub async fn dockerfile_plan(
     for image in referenced_images(&first) {
         let resolved = if is_base_image(&image) {
             progress(&format!("{image} is Hearth's base template"));
-            let disk = base_disk::from_template(settings, request.base_build_dir).map_err(|err| base_error(err.to_string()))?;
+            let disk = base_disk::from_template(settings, request.base_build_dir).await.map_err(|err| base_error(err.to_string()))?;
             let config = config_from_defaults(disk.defaults());
             ResolvedImage { disk, config }
         } else {
@@ -648,6 +675,25 @@ mod tests {
         );
         assert_eq!(start_command(&Some(Command::Shell("a".into())), &exec(&["b"]), &shell).as_deref(), Some("/bin/sh -c a"));
         assert_eq!(start_command(&None, &None, &shell), None);
+    }
+
+    #[test]
+    fn copy_cache_key_ignores_times_but_not_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let context = dir.path().join("context");
+        std::fs::create_dir_all(context.join("site")).unwrap();
+        std::fs::write(context.join("site/index.html"), "one").unwrap();
+        let ignore = IgnoreMatcher::parse("");
+        let plan = || hearth_dockerfile::plan_copy(&context, &["site/".to_owned()], "/srv/", "/", &ignore).unwrap();
+        let first = write_copy_archive(&plan(), &dir.path().join("a.tar")).unwrap();
+        let file = std::fs::File::options().write(true).open(context.join("site/index.html")).unwrap();
+        file.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000)).unwrap();
+        let touched = write_copy_archive(&plan(), &dir.path().join("b.tar")).unwrap();
+        assert_eq!(first.content_hash, touched.content_hash);
+        assert_eq!(first.dest, "/");
+        std::fs::write(context.join("site/index.html"), "two").unwrap();
+        let changed = write_copy_archive(&plan(), &dir.path().join("c.tar")).unwrap();
+        assert_ne!(first.content_hash, changed.content_hash);
     }
 
     #[test]
