@@ -14,7 +14,7 @@ use crate::custom::BaseDisk;
 use crate::rootfs::{inject_guest_files, make_ext4, RootfsCustomization, SANDBOX_USER};
 
 /// Version of the base disk layout; bump it when the injected files change.
-const BASE_DISK_VERSION: &str = "hearth-base-disk-v1";
+const BASE_DISK_VERSION: &str = "hearth-base-disk-v2";
 
 /// Errors preparing a base disk.
 #[derive(Debug, thiserror::Error)]
