@@ -38,7 +38,7 @@ fn tiny_rootfs(root: &Path) {
         std::fs::create_dir_all(root.join(dir)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "cat", "echo", "id", "whoami", "pwd", "printf", "mkdir", "chown", "nc", "httpd", "stat", "test", "sleep", "touch"] {
+    for applet in ["sh", "ls", "wc", "cat", "echo", "id", "whoami", "pwd", "printf", "mkdir", "chown", "nc", "httpd", "stat", "test", "sleep", "touch"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
@@ -182,6 +182,11 @@ async fn vm_build_from_an_image_with_cache_start_command_and_delete() {
         .await
         .unwrap();
     assert_eq!(second.cached_steps, 5);
+    let state_saved = std::fs::read_dir(data_dir.cache_dir().join("layers"))
+        .unwrap()
+        .flatten()
+        .any(|entry| entry.file_name().to_string_lossy().contains(".vm-") && entry.path().join("done").is_file());
+    assert!(state_saved, "the build VM's state after each step is saved for rebuilds");
     eprintln!("full build {:.1} s, rebuild {:.1} s", first.total.as_secs_f64(), second.total.as_secs_f64());
 
     // A start command that exits fails the build with its output, and publishes nothing.
@@ -229,6 +234,8 @@ async fn vm_build_from_an_image_with_cache_start_command_and_delete() {
     assert_eq!(output(&agent, "cat /srv/www/last.txt").await, "second\n");
     assert_eq!(output(&agent, "stat -c %U /srv/www/index.html").await, "app\n");
     assert_eq!(output(&agent, "test ! -e /tmp/pwned && test ! -e /tmp/pwned2 && echo clean").await, "clean\n");
+    // Copy archives staged in the guest's /tmp are gone from the template's memory.
+    assert_eq!(output(&agent, "ls -A /tmp/.hearth-build | wc -l").await.trim(), "0");
 
     // Deleting the template keeps the build the sandbox runs on until it stops.
     node.delete_template(&template_id).await.unwrap();

@@ -306,7 +306,35 @@ impl LayerCache {
     fn discard(&self, key: &str) {
         let _ = std::fs::remove_file(self.done_marker(key));
         let _ = std::fs::remove_file(self.layer(key));
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            let prefix = format!("{key}.vm-");
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
     }
+
+    /// Directory of the build VM's saved state right after the step `key`, for a VM of
+    /// the shape `machine` (its CPUs, memory, kernel and command line).
+    fn vm_state(&self, key: &str, machine: &str) -> PathBuf {
+        self.dir.join(format!("{key}.vm-{machine}"))
+    }
+
+    fn vm_state_ready(&self, key: &str, machine: &str) -> bool {
+        let dir = self.vm_state(key, machine);
+        self.is_done(key) && dir.join("done").is_file() && dir.join("vmstate").is_file() && dir.join("memory").is_file()
+    }
+}
+
+/// Identifies the build VM's shape, which a saved VM state must match to be restored.
+fn machine_tag(options: &CustomBuildOptions) -> String {
+    let shape = format!(
+        "{}|{}|{}|{}",
+        options.machine.vcpus, options.machine.memory_mib, options.boot.kernel_release, options.boot.cmdline
+    );
+    hash_hex(&[LAYER_KEY_VERSION, &shape])[..16].to_owned()
 }
 
 fn hash_hex(parts: &[&str]) -> String {
@@ -503,11 +531,35 @@ async fn build_in(
         placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: staging.to_owned() },
     };
     let agent = GuestAgent::new(format!("http://{}:{ENVD_PORT}", slot.guest_route_ip));
+    let machine = machine_tag(options);
+    // The last cached step that changed files: its saved VM state, when there is one,
+    // replaces the cold boot.
+    let last_cached_disk_step = (0..first_uncached).rev().find(|&i| plan.steps[i].changes_files());
+    let saved_state = last_cached_disk_step
+        .map(|index| keys[index].clone())
+        .filter(|key| cache.vm_state_ready(key, &machine));
+    let mut restored = None;
+    if let Some(key) = &saved_state {
+        match restore_saved_vm(options, driver, &cache.vm_state(key, &machine), &spec, &boot_layer, &top, disk_size, &agent).await {
+            Ok(vm) => {
+                log(&StepRef::Base, LogKind::Info, "restored the build VM saved after the last cached step");
+                restored = Some(vm);
+            }
+            Err(err) => {
+                log(&StepRef::Base, LogKind::Warn, &format!("could not restore the saved build VM ({err}); booting instead"));
+            }
+        }
+    }
     let attempt_timeout = options.boot_timeout / BOOT_ATTEMPTS;
     let mut attempt = 1;
     let mut vm = loop {
-        // Every attempt boots on a fresh layer: a failed boot may have written to it.
+        if let Some(vm) = restored.take() {
+            break vm;
+        }
+        // Every attempt boots on a fresh layer and memory file: a failed boot or restore
+        // may have written to them.
         let _ = std::fs::remove_file(&boot_layer);
+        let _ = std::fs::remove_file(&spec.memory_file);
         create_overlay_over(&boot_layer, &top.0, top.1, disk_size)
             .map_err(|err| CustomBuildError::new(StepRef::Base, format!("failed to create layer: {err}")))?;
         log(&StepRef::Base, LogKind::Info, &format!("booting the build VM ({})", driver.kind()));
@@ -672,9 +724,24 @@ async fn run_in_vm(
                 }
                 None => final_layer.to_owned(),
             };
-            vm.push_disk_layer(&next_layer)
-                .await
-                .map_err(|err| CustomBuildError::new(step_ref.clone(), format!("failed to add a disk layer: {err}")))?;
+            // The guest is paused from its device state until the new layer exists and its
+            // memory is copied, so the saved state matches this step's layer exactly.
+            let state_dir = cache.vm_state(&keys[index], &machine_tag(options));
+            let saved = save_vm_state(vm, paths, &state_dir).await;
+            let pushed = vm.push_disk_layer(&next_layer).await;
+            let saved = match (saved, &pushed) {
+                (Ok(()), Ok(())) => copy_saved_memory(paths, &state_dir),
+                (Err(err), _) => Err(err),
+                (Ok(()), Err(_)) => Err("the disk layer was not added".into()),
+            };
+            if let Err(err) = vm.resume().await {
+                return Err(CustomBuildError::new(step_ref.clone(), format!("the build VM did not continue: {err}")));
+            }
+            if let Err(err) = saved {
+                let _ = std::fs::remove_dir_all(&state_dir);
+                log(&step_ref, LogKind::Warn, &format!("the build VM's state was not saved ({err}); a rebuild from here boots"));
+            }
+            pushed.map_err(|err| CustomBuildError::new(step_ref.clone(), format!("failed to add a disk layer: {err}")))?;
             cache
                 .mark_done(&keys[index])
                 .map_err(|err| CustomBuildError::new(step_ref.clone(), format!("failed to record the step's layer: {err}")))?;
@@ -807,6 +874,62 @@ async fn finalize_guest(
     let target = SnapshotTarget { vmstate: paths.vmstate(), memory: paths.memory(), diff: false };
     vm.snapshot(&target).await.map_err(|err| fail(format!("snapshot failed: {err}")))?;
     Ok(())
+}
+
+/// Pauses the build VM and writes its device state into `state_dir`; the memory stays in
+/// the build's shared memory file until [`copy_saved_memory`]. Leaves the guest paused.
+async fn save_vm_state(vm: &mut dyn Vm, paths: &TemplateBuildPaths, state_dir: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(state_dir);
+    std::fs::create_dir_all(state_dir).map_err(|err| format!("{}: {err}", state_dir.display()))?;
+    let target = SnapshotTarget { vmstate: state_dir.join("vmstate"), memory: paths.memory(), diff: false };
+    vm.snapshot(&target).await.map(|_| ()).map_err(|err| err.to_string())
+}
+
+/// Copies the paused build VM's memory into `state_dir` and marks the saved state
+/// complete.
+fn copy_saved_memory(paths: &TemplateBuildPaths, state_dir: &Path) -> Result<(), String> {
+    let memory = state_dir.join("memory");
+    hearth_storage::clone::clone_sparse(&paths.memory(), &memory).map_err(|err| format!("{}: {err}", memory.display()))?;
+    hearth_storage::durable::sync_file(&memory).map_err(|err| format!("{}: {err}", memory.display()))?;
+    hearth_storage::durable::sync_file(&state_dir.join("vmstate")).map_err(|err| format!("vmstate: {err}"))?;
+    hearth_storage::durable::write_atomic(&state_dir.join("done"), b"ok\n").map_err(|err| format!("done marker: {err}"))
+}
+
+/// Restores a build VM saved after a cached step, on a fresh layer over that step's
+/// layer, with its memory copied into the build's memory file (mapped shared, as a booted
+/// build VM's is).
+#[allow(clippy::too_many_arguments)]
+async fn restore_saved_vm(
+    options: &CustomBuildOptions,
+    driver: &dyn VmmDriver,
+    state_dir: &Path,
+    boot: &BootSpec,
+    layer: &Path,
+    top: &(PathBuf, BackingFormat),
+    disk_size: u64,
+    agent: &GuestAgent,
+) -> Result<Box<dyn Vm>, String> {
+    let _ = std::fs::remove_file(&boot.memory_file);
+    hearth_storage::clone::clone_sparse(&state_dir.join("memory"), &boot.memory_file)
+        .map_err(|err| format!("copying the saved memory: {err}"))?;
+    let _ = std::fs::remove_file(layer);
+    create_overlay_over(layer, &top.0, top.1, disk_size).map_err(|err| format!("creating the layer: {err}"))?;
+    let spec = hearth_vmm::RestoreSpec {
+        machine: options.machine,
+        memory_file: boot.memory_file.clone(),
+        vmstate: state_dir.join("vmstate"),
+        vmstate_has_memory: false,
+        memory_shared: true,
+        disk: boot.disk.clone(),
+        placement: boot.placement.clone(),
+    };
+    let mut vm = driver.restore(&spec).await.map_err(|err| err.to_string())?;
+    if let Err(err) = agent.wait_healthy(Duration::from_secs(20)).await {
+        let _ = vm.stop().await;
+        let _ = std::fs::remove_file(layer);
+        return Err(format!("envd did not answer after the restore: {err}"));
+    }
+    Ok(vm)
 }
 
 async fn ports_accept(slot: &Slot, ports: &[u16]) -> bool {
