@@ -44,7 +44,7 @@ const FAILURE_TAIL_LINES: usize = 20;
 const BOOT_ATTEMPTS: u32 = 3;
 
 /// Interval between two runs of the ready check.
-const READY_POLL_INTERVAL: Duration = Duration::from_millis(500);
+const READY_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where the build's root filesystem starts.
 #[derive(Clone, Debug)]
@@ -526,7 +526,9 @@ async fn build_in(
         memory_file: paths.memory(),
         kernel: paths.kernel(),
         initrd: Some(paths.initrd()),
-        cmdline: options.boot.cmdline.clone(),
+        // Without `quiet`, a boot that stalls leaves the kernel's messages in the console
+        // log, which the build error quotes.
+        cmdline: options.boot.cmdline.split_whitespace().filter(|word| *word != "quiet").collect::<Vec<_>>().join(" "),
         disk: DiskSpec { path: boot_layer.clone(), format: DiskFormat::Qcow2 },
         placement: VmPlacement { netns: Some(slot.netns.clone()), run_dir: staging.to_owned() },
     };
@@ -580,6 +582,7 @@ async fn build_in(
                     // Under TCG on a loaded host a guest kernel can stall in its timer
                     // calibration before userspace; a fresh boot usually gets through.
                     log(&StepRef::Base, LogKind::Warn, &format!("the build VM did not answer ({err}); booting it again"));
+                    tracing::warn!(attempt, error = %err, console_tail = %tail, "build VM did not answer; booting it again");
                     attempt += 1;
                     continue;
                 }
@@ -814,7 +817,9 @@ async fn finalize_guest(
             }
         }
         let passed = match &ready {
-            None => Instant::now() >= settle_until,
+            // A start command without a check must survive the settle time; with neither
+            // there is nothing to wait for.
+            None => background.is_none() || Instant::now() >= settle_until,
             Some(ReadyCheck::Ports(ports)) => ports_accept(slot, ports).await,
             Some(ReadyCheck::Command(command)) => {
                 let args = vec!["-c".to_owned(), command.clone()];
