@@ -727,24 +727,32 @@ async fn run_in_vm(
                 }
                 None => final_layer.to_owned(),
             };
-            // The guest is paused from its device state until the new layer exists and its
-            // memory is copied, so the saved state matches this step's layer exactly.
-            let state_dir = cache.vm_state(&keys[index], &machine_tag(options));
-            let saved = save_vm_state(vm, paths, &state_dir).await;
-            let pushed = vm.push_disk_layer(&next_layer).await;
-            let saved = match (saved, &pushed) {
-                (Ok(()), Ok(())) => copy_saved_memory(paths, &state_dir),
-                (Err(err), _) => Err(err),
-                (Ok(()), Err(_)) => Err("the disk layer was not added".into()),
-            };
-            if let Err(err) = vm.resume().await {
-                return Err(CustomBuildError::new(step_ref.clone(), format!("the build VM did not continue: {err}")));
+            if next.is_none() {
+                // After the last step that changes files, a saved state would serve only
+                // rebuilds that change nothing but the start command; it is not kept.
+                vm.push_disk_layer(&next_layer)
+                    .await
+                    .map_err(|err| CustomBuildError::new(step_ref.clone(), format!("failed to add a disk layer: {err}")))?;
+            } else {
+                // The guest is paused from its device state until the new layer exists and
+                // its memory is copied, so the saved state matches this step's layer exactly.
+                let state_dir = cache.vm_state(&keys[index], &machine_tag(options));
+                let saved = save_vm_state(vm, paths, &state_dir).await;
+                let pushed = vm.push_disk_layer(&next_layer).await;
+                let saved = match (saved, &pushed) {
+                    (Ok(()), Ok(())) => copy_saved_memory(paths, &state_dir),
+                    (Err(err), _) => Err(err),
+                    (Ok(()), Err(_)) => Err("the disk layer was not added".into()),
+                };
+                if let Err(err) = vm.resume().await {
+                    return Err(CustomBuildError::new(step_ref.clone(), format!("the build VM did not continue: {err}")));
+                }
+                if let Err(err) = saved {
+                    let _ = std::fs::remove_dir_all(&state_dir);
+                    log(&step_ref, LogKind::Warn, &format!("the build VM's state was not saved ({err}); a rebuild from here boots"));
+                }
+                pushed.map_err(|err| CustomBuildError::new(step_ref.clone(), format!("failed to add a disk layer: {err}")))?;
             }
-            if let Err(err) = saved {
-                let _ = std::fs::remove_dir_all(&state_dir);
-                log(&step_ref, LogKind::Warn, &format!("the build VM's state was not saved ({err}); a rebuild from here boots"));
-            }
-            pushed.map_err(|err| CustomBuildError::new(step_ref.clone(), format!("failed to add a disk layer: {err}")))?;
             cache
                 .mark_done(&keys[index])
                 .map_err(|err| CustomBuildError::new(step_ref.clone(), format!("failed to record the step's layer: {err}")))?;
@@ -890,14 +898,23 @@ async fn save_vm_state(vm: &mut dyn Vm, paths: &TemplateBuildPaths, state_dir: &
     vm.snapshot(&target).await.map(|_| ()).map_err(|err| err.to_string())
 }
 
-/// Copies the paused build VM's memory into `state_dir` and marks the saved state
-/// complete.
+/// Copies the paused build VM's memory into `state_dir`. A background task then makes the
+/// copy durable and marks the saved state complete, so the guest does not wait for the
+/// disk; until the marker exists, a rebuild boots instead of restoring.
 fn copy_saved_memory(paths: &TemplateBuildPaths, state_dir: &Path) -> Result<(), String> {
     let memory = state_dir.join("memory");
     hearth_storage::clone::clone_sparse(&paths.memory(), &memory).map_err(|err| format!("{}: {err}", memory.display()))?;
-    hearth_storage::durable::sync_file(&memory).map_err(|err| format!("{}: {err}", memory.display()))?;
-    hearth_storage::durable::sync_file(&state_dir.join("vmstate")).map_err(|err| format!("vmstate: {err}"))?;
-    hearth_storage::durable::write_atomic(&state_dir.join("done"), b"ok\n").map_err(|err| format!("done marker: {err}"))
+    let state_dir = state_dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let durable = hearth_storage::durable::sync_file(&state_dir.join("memory"))
+            .and_then(|()| hearth_storage::durable::sync_file(&state_dir.join("vmstate")))
+            .and_then(|()| hearth_storage::durable::write_atomic(&state_dir.join("done"), b"ok\n"));
+        if let Err(err) = durable {
+            tracing::warn!(path = %state_dir.display(), error = %err, "failed to complete a saved build VM state");
+            let _ = std::fs::remove_dir_all(&state_dir);
+        }
+    });
+    Ok(())
 }
 
 /// Restores a build VM saved after a cached step, on a fresh layer over that step's
