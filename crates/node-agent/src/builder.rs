@@ -33,18 +33,18 @@ pub struct BuildSettings {
     pub disk_size_bytes: u64,
     /// Registries reached over plain HTTP besides loopback ones.
     pub plain_http_registries: Vec<String>,
-    /// Longest a single build step may run.
+    /// Maximum time a single build step may run.
     pub step_timeout: Duration,
-    /// Longest the ready check may take to pass.
+    /// Maximum time the ready check may take to pass.
     pub ready_timeout: Duration,
-    /// Longest the build VM may take to answer.
+    /// Maximum time for the build VM's boots until envd responds, over all attempts.
     pub boot_timeout: Duration,
 }
 
 impl BuildSettings {
     /// Defaults: an 8 GiB disk, one hour per step, two minutes to become ready, and 90 s
-    /// for the build VM's boots (three attempts of 30 s; a healthy boot under TCG takes
-    /// about 3.5 s).
+    /// for the build VM's boots. That is three attempts of 30 s, and a healthy boot under
+    /// TCG takes about 3.5 s.
     pub fn new(envd_binary: impl Into<PathBuf>) -> Self {
         Self {
             envd_binary: envd_binary.into(),

@@ -30,7 +30,7 @@ use crate::guest::{BackgroundStatus, GuestAgent, OutputStream, RunSpec};
 /// Version of the layer cache's key scheme; changing how a step runs changes it.
 const LAYER_KEY_VERSION: &str = "hearth-layer-v1";
 
-/// Where envd sits in every template's root filesystem.
+/// Path of envd in every template's root filesystem.
 pub const GUEST_ENVD: &str = "/usr/bin/envd";
 
 /// Directory in the build VM where copy archives are staged (a tmpfs).
@@ -46,11 +46,11 @@ const BOOT_ATTEMPTS: u32 = 3;
 /// Interval between two runs of the ready check.
 const READY_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Where the build's root filesystem starts.
+/// The root filesystem a build starts from.
 #[derive(Clone, Debug)]
 pub enum BaseDisk {
-    /// A raw ext4 image prepared from an image or a tree (see [`prepare_base_disk`]),
-    /// identified by `key`, with the defaults of the image it came from.
+    /// A raw ext4 image prepared by [`crate::base_disk`], identified by `key`, with the
+    /// defaults of the image it came from.
     Prepared { path: PathBuf, key: String, defaults: GuestConfig },
 }
 
@@ -82,7 +82,7 @@ pub enum PlanStep {
     /// directory, with the current environment plus `extra_env`.
     Run { argv: Vec<String>, user: Option<String>, extra_env: Vec<(String, String)>, force: bool },
     /// Extracts `archive` (a plain tar) at `dest` with `envd build-copy`. `single_file`
-    /// means the archive holds one file written at `dest` itself, unless `dest` is an
+    /// means the archive contains one file written at `dest` itself, unless `dest` is an
     /// existing directory. `content_hash` identifies the archive's content for the cache.
     Copy {
         archive: PathBuf,

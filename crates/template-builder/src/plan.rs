@@ -160,9 +160,9 @@ fn extract_upload(archive: &Path, dest: &Path) -> Result<(), String> {
 
 /// A copy archive as written for the guest.
 pub struct CopyArchive {
-    /// Where `envd build-copy` extracts it.
+    /// Destination that `envd build-copy` extracts it to.
     pub dest: String,
-    /// The archive holds one file, written at `dest` unless that is a directory.
+    /// The archive contains one file, written at `dest` unless that is a directory.
     pub single_file: bool,
     /// SHA-256 of the archive.
     pub content_hash: String,
