@@ -347,13 +347,9 @@ pub(crate) fn read_console_tail(path: &Path) -> String {
     text[start..].trim().to_owned()
 }
 
-/// Records every artifact's size (and the SHA-256 of the small ones) and writes the manifest.
-async fn write_manifest(
-    vmm: hearth_vmm::VmmKind,
-    options: &BaseTemplateOptions,
-    paths: &TemplateBuildPaths,
-    kernel_release: &str,
-) -> Result<TemplateManifest, BuildError> {
+/// Lists a template build's artifacts for its manifest, each made durable first: its size,
+/// and the SHA-256 of the small ones (initramfs and device state).
+pub(crate) fn manifest_files(paths: &TemplateBuildPaths) -> std::io::Result<Vec<ManifestFile>> {
     let mut files = Vec::new();
     for (path, hash) in [
         (paths.kernel(), false),
@@ -362,16 +358,23 @@ async fn write_manifest(
         (paths.memory(), false),
         (paths.vmstate(), true),
     ] {
-        let size_bytes = tokio::fs::metadata(&path).await.map_err(io_err(&path))?.len();
-        let sha256 = if hash {
-            let data = tokio::fs::read(&path).await.map_err(io_err(&path))?;
-            Some(hex::encode(Sha256::digest(&data)))
-        } else {
-            None
-        };
+        hearth_storage::durable::sync_file(&path)?;
+        let size_bytes = std::fs::metadata(&path)?.len();
+        let sha256 = if hash { Some(hex::encode(Sha256::digest(std::fs::read(&path)?))) } else { None };
         let name = path.file_name().expect("artifact paths have names").to_string_lossy().into_owned();
         files.push(ManifestFile { name, size_bytes, sha256 });
     }
+    Ok(files)
+}
+
+/// Records every artifact's size (and the SHA-256 of the small ones) and writes the manifest.
+async fn write_manifest(
+    vmm: hearth_vmm::VmmKind,
+    options: &BaseTemplateOptions,
+    paths: &TemplateBuildPaths,
+    kernel_release: &str,
+) -> Result<TemplateManifest, BuildError> {
+    let files = manifest_files(paths).map_err(|source| BuildError::Io { path: paths.dir().to_owned(), source })?;
 
     let manifest = TemplateManifest {
         format_version: MANIFEST_FORMAT_VERSION,

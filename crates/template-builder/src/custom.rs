@@ -1091,20 +1091,7 @@ async fn write_manifest(
     disk_size: u64,
     guest: GuestConfig,
 ) -> std::io::Result<TemplateManifest> {
-    let mut files = Vec::new();
-    for (path, hash) in [
-        (paths.kernel(), false),
-        (paths.initrd(), true),
-        (paths.rootfs(), false),
-        (paths.memory(), false),
-        (paths.vmstate(), true),
-    ] {
-        hearth_storage::durable::sync_file(&path)?;
-        let size_bytes = std::fs::metadata(&path)?.len();
-        let sha256 = if hash { Some(hex::encode(Sha256::digest(std::fs::read(&path)?))) } else { None };
-        let name = path.file_name().expect("artifact paths have names").to_string_lossy().into_owned();
-        files.push(ManifestFile { name, size_bytes, sha256 });
-    }
+    let files = crate::build::manifest_files(paths)?;
     let manifest = TemplateManifest {
         format_version: MANIFEST_FORMAT_VERSION,
         template_id: options.template_id.to_string(),
