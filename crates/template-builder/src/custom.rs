@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hearth_network::Slot;
 use hearth_storage::qcow2::{create_overlay_over, BackingFormat};
-use hearth_storage::{DataDir, GuestConfig, ManifestFile, TemplateBuildPaths, TemplateManifest, MANIFEST_FORMAT_VERSION};
+use hearth_storage::{DataDir, GuestConfig, TemplateBuildPaths, TemplateManifest, MANIFEST_FORMAT_VERSION};
 use hearth_types::guest::ENVD_PORT;
 use hearth_types::{BuildId, TemplateId};
 use hearth_vmm::{BootSpec, DiskFormat, DiskSpec, MachineSize, SnapshotTarget, Vm, VmPlacement, VmmDriver};
