@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -111,6 +112,27 @@ def push_tiny_image(registry: str, repository: str, tag: str, marker: Optional[s
             stdout=subprocess.DEVNULL,
         )
     return reference
+
+
+def tiny_image_archive(archive: Path, tag: str) -> None:
+    """Writes the tiny image as an OCI image layout packed in the tar `archive`, with
+    `/srv/index.html` and `/srv` as its working directory."""
+    with tempfile.TemporaryDirectory() as workdir:
+        root = Path(workdir) / "rootfs"
+        tiny_rootfs(root, marker=tag)
+        (root / "srv" / "index.html").write_text("from the image archive\n")
+        layout = Path(workdir) / "layout"
+        subprocess.run(
+            [
+                oci_push_binary(), "--rootfs", str(root), "--to", f"local/tiny:{tag}", "--out-layout", str(layout),
+                "--env", "PATH=/usr/local/bin:/usr/bin:/bin", "--env", "IMAGE_VAR=from the archive",
+                "--workdir", "/srv",
+            ],
+            check=True,
+        )
+        with tarfile.open(archive, "w") as tar:
+            for entry in sorted(layout.rglob("*")):
+                tar.add(entry, arcname=str(entry.relative_to(layout)), recursive=False)
 
 
 def add_user(name: str, uid: int) -> str:

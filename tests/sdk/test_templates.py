@@ -20,7 +20,7 @@ import pytest
 from e2b import Sandbox, Template
 from e2b.exceptions import BuildException
 
-from image_helpers import add_user, loopback_registry, push_tiny_image
+from image_helpers import add_user, loopback_registry, push_tiny_image, tiny_image_archive
 from sdk_helpers import RUN_ID, kill_quietly, proxy_get_by_host
 
 # Quotes, backslashes, a newline and a command substitution: they must arrive byte for byte
@@ -166,6 +166,32 @@ def test_dockerfile_build_with_the_cli(tiny_image: str, tmp_path: Path) -> None:
         assert sbx.files.read("/srv/artifact.txt") == "built-in-stage-one\n"
         assert run_ok(sbx, "stat -c %U /srv/www/index.html").strip() == "web"
         assert run_ok(sbx, "test ! -e /srv/www/secret.key && echo ignored").strip() == "ignored"
+    finally:
+        kill_quietly(sbx.sandbox_id)
+
+
+@pytest.mark.timeout(600)
+def test_image_archive_with_the_cli(tmp_path: Path) -> None:
+    archive = tmp_path / "tiny-layout.tar"
+    tiny_image_archive(archive, RUN_ID)
+    name = f"tiny-archive-{RUN_ID}"
+    result = subprocess.run(
+        ["hearth", "template", "build", "--name", name, "--image-archive", str(archive),
+         "--start-cmd", "busybox httpd -f -p 8080 -h /srv",
+         "--ready-cmd", "wget -q -O /dev/null http://127.0.0.1:8080/index.html",
+         "--cpu-count", "1", "--memory-mb", "256"],
+        capture_output=True, text=True, timeout=500,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    sbx = Sandbox.create(name, timeout=120)
+    try:
+        page = proxy_get_by_host(sbx, 8080, "/index.html")
+        assert page.status_code == 200
+        assert page.text == "from the image archive\n"
+        assert run_ok(sbx, "pwd").strip() == "/srv"
+        assert run_ok(sbx, "whoami").strip() == "root"
+        assert run_ok(sbx, 'printf %s "$IMAGE_VAR"') == "from the archive"
     finally:
         kill_quietly(sbx.sandbox_id)
 

@@ -10,11 +10,17 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use hearth_types::{BuildId, TemplateId};
 
+/// Prefix of a `fromImage` that names an image archive uploaded through the files route
+/// (`hearth-archive:<hash>`): a `docker save` archive or an OCI image layout packed as a
+/// tar. Hearth's own extension; `hearth template build --image-archive` sends it.
+pub const ARCHIVE_IMAGE_PREFIX: &str = "hearth-archive:";
+
 /// Where a build's root filesystem comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BuildSource {
     /// An image in an OCI registry (`fromImage`), with optional registry credentials
-    /// (`fromImageRegistry` of type `registry`).
+    /// (`fromImageRegistry` of type `registry`), or an uploaded image archive named with
+    /// [`ARCHIVE_IMAGE_PREFIX`].
     Image {
         reference: String,
         credentials: Option<RegistryCredentials>,

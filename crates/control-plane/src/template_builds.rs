@@ -334,6 +334,16 @@ impl ControlPlane {
         if is_e2b_base_image(image) {
             return self.template_source("fromImage", BASE_TEMPLATE_ALIAS).await;
         }
+        if let Some(hash) = image.strip_prefix(crate::builds::ARCHIVE_IMAGE_PREFIX) {
+            template_names::check_hash("fromImage", hash)?;
+            if !self.files().is_present(hash) {
+                return Err(ApiError::bad_request(format!(
+                    "invalid fromImage {image:?}: no image archive with this hash was uploaded; upload it through \
+                     GET /templates/{{templateID}}/files/{hash} first"
+                )));
+            }
+            return Ok(BuildSource::Image { reference: image.to_owned(), credentials: None });
+        }
         let credentials = registry.map(registry_credentials).transpose()?.flatten();
         Ok(BuildSource::Image { reference: image.to_owned(), credentials })
     }

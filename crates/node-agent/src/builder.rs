@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hearth_control_plane::builds::{
-    BuildFailure, BuildLog, BuildOutput, BuildSource, BuildSpec, LogLevel, TemplateBuilder,
+    BuildFailure, BuildLog, BuildOutput, BuildSource, BuildSpec, LogLevel, TemplateBuilder, ARCHIVE_IMAGE_PREFIX,
 };
 use hearth_oci::RegistryAuth;
 use hearth_storage::{DataDir, TemplateBuildPaths, TemplateManifest};
@@ -130,6 +130,18 @@ impl NodeTemplateBuilder {
 
         let result = async {
             let plan = match &spec.source {
+                BuildSource::Image { reference, .. } if reference.starts_with(ARCHIVE_IMAGE_PREFIX) => {
+                    let hash = &reference[ARCHIVE_IMAGE_PREFIX.len()..];
+                    let archive = spec.files_dir.join(hash);
+                    progress(&format!("reading the image archive {hash}"));
+                    let unpacked = work_dir.join("image-archive");
+                    let image = hearth_oci::read_docker_archive(&archive, &unpacked, None)
+                        .map_err(|err| base_fail(format!("the uploaded image archive is not usable: {err}")))?;
+                    let (base, _config) = base_disk::from_image(&settings, reference, image, &progress)
+                        .await
+                        .map_err(|err| base_fail(err.to_string()))?;
+                    self.sdk_plan(&spec, base, &work_dir)?
+                }
                 BuildSource::Image { reference, credentials } => {
                     let auth = match credentials {
                         Some(c) => RegistryAuth::Basic { username: c.username.clone(), password: c.password.clone() },

@@ -63,6 +63,11 @@ pub struct BuildArgs {
     /// Run every step again instead of reusing cached layers of earlier builds.
     #[arg(long)]
     no_cache: bool,
+    /// Build from an image archive instead of a Dockerfile: a `docker save` tar or an OCI
+    /// image layout packed as a tar. Its config's Env, User and WorkingDir become the
+    /// template's defaults.
+    #[arg(long, value_name = "TAR", conflicts_with_all = ["dockerfile", "context"])]
+    image_archive: Option<PathBuf>,
 }
 
 /// Body of `POST /templates`.
@@ -133,6 +138,9 @@ struct BuildFailure {
 
 /// Runs `hearth template build`.
 pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
+    if let Some(archive) = &args.image_archive {
+        return build_from_archive(&args, archive).await;
+    }
     let dockerfile_path = resolve_dockerfile(args.dockerfile.as_deref())?;
     let dockerfile = fs::read_to_string(&dockerfile_path)
         .with_context(|| format!("failed to read Dockerfile {}", dockerfile_path.display()))?;
@@ -172,7 +180,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
         archive.size,
         archive.hash
     );
-    upload_context(&api, &created.template_id, &archive).await?;
+    upload_tar(&api, &created.template_id, archive.file.path(), &archive.hash, archive.size, "build context").await?;
 
     let start_path = format!("/templates/{}/builds/{}", created.template_id, created.build_id);
     api.send_json::<serde_json::Value>(
@@ -186,6 +194,71 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     .await
     .context("failed to start the build")?;
 
+    follow_build(&api, &created).await?;
+    print_ready(&args.name, &created);
+    Ok(())
+}
+
+/// Body of `POST /v3/templates`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestBuildV3<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_count: Option<u32>,
+    #[serde(rename = "memoryMB", skip_serializing_if = "Option::is_none")]
+    memory_mb: Option<u32>,
+}
+
+/// Body of `POST /v2/templates/{id}/builds/{buildID}` for an uploaded image archive.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StartArchiveBuild<'a> {
+    from_image: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_cmd: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ready_cmd: Option<&'a str>,
+    force: bool,
+    steps: Vec<()>,
+}
+
+/// `hearth template build --image-archive`: uploads the archive and builds from it with
+/// the SDK's build routes.
+async fn build_from_archive(args: &BuildArgs, archive: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(archive.is_file(), "image archive {} not found", archive.display());
+    let (hash, size) = {
+        use sha2::Digest;
+        let mut file = fs::File::open(archive).with_context(|| format!("failed to open {}", archive.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let size = std::io::copy(&mut file, &mut hasher).with_context(|| format!("failed to read {}", archive.display()))?;
+        (hex::encode(hasher.finalize()), size)
+    };
+    let api = ApiClient::new(resolve_api_url(args.api_url.as_deref()), &args.api_key)?;
+    let created: CreateTemplateResponse = api
+        .send_json(
+            reqwest::Method::POST,
+            "/v3/templates",
+            Some(&RequestBuildV3 { name: &args.name, cpu_count: args.cpu_count, memory_mb: args.memory_mb }),
+        )
+        .await
+        .context("failed to create the template build")?;
+    eprintln!("template {} (ID {}), build {}", args.name, created.template_id, created.build_id);
+    upload_tar(&api, &created.template_id, archive, &hash, size, "image archive").await?;
+    let start_path = format!("/v2/templates/{}/builds/{}", created.template_id, created.build_id);
+    api.send_json::<serde_json::Value>(
+        reqwest::Method::POST,
+        &start_path,
+        Some(&StartArchiveBuild {
+            from_image: format!("{}{hash}", hearth_control_plane::builds::ARCHIVE_IMAGE_PREFIX),
+            start_cmd: args.start_cmd.as_deref(),
+            ready_cmd: args.ready_cmd.as_deref(),
+            force: args.no_cache,
+            steps: Vec::new(),
+        }),
+    )
+    .await
+    .context("failed to start the build")?;
     follow_build(&api, &created).await?;
     print_ready(&args.name, &created);
     Ok(())
@@ -278,34 +351,36 @@ async fn check_response(response: reqwest::Response, method: &reqwest::Method, u
     anyhow::bail!("{method} {url} failed with HTTP {}: {message}", status.as_u16())
 }
 
-async fn upload_context(api: &ApiClient, template_id: &str, archive: &ContextArchive) -> anyhow::Result<()> {
-    let path = format!("/templates/{template_id}/files/{}", archive.hash);
+/// Uploads the tar at `path` (`what` names it in messages) under its SHA-256 `hash`,
+/// unless the server has it already.
+async fn upload_tar(api: &ApiClient, template_id: &str, path: &Path, hash: &str, size: u64, what: &str) -> anyhow::Result<()> {
+    let link = format!("/templates/{template_id}/files/{hash}");
     let upload: FileUploadResponse = api
-        .send_json(reqwest::Method::GET, &path, None::<&()>)
+        .send_json(reqwest::Method::GET, &link, None::<&()>)
         .await
-        .context("failed to ask the server for the context upload link")?;
+        .with_context(|| format!("failed to ask the server for the upload link of the {what}"))?;
     if upload.present {
-        eprintln!("the server already has this build context");
+        eprintln!("the server already has this {what}");
         return Ok(());
     }
-    let url = upload.url.context("the server has no copy of the build context but sent no upload URL")?;
+    let url = upload.url.with_context(|| format!("the server has no copy of the {what} but sent no upload URL"))?;
 
-    let file = tokio::fs::File::open(archive.file.path())
+    let file = tokio::fs::File::open(path)
         .await
-        .context("failed to reopen the build context archive")?;
+        .with_context(|| format!("failed to reopen the {what} {}", path.display()))?;
     let mut request = api.client.put(&url).timeout(UPLOAD_TIMEOUT);
     for (name, value) in upload.headers.iter().filter(|(name, _)| !name.eq_ignore_ascii_case("content-length")) {
         request = request.header(name, value);
     }
     let response = request
         .header("content-type", "application/x-tar")
-        .header("content-length", archive.size)
+        .header("content-length", size)
         .body(reqwest::Body::from(file))
         .send()
         .await
-        .with_context(|| format!("failed to upload the build context to {url}"))?;
+        .with_context(|| format!("failed to upload the {what} to {url}"))?;
     check_response(response, &reqwest::Method::PUT, &url).await?;
-    eprintln!("uploaded the build context ({} bytes)", archive.size);
+    eprintln!("uploaded the {what} ({size} bytes)");
     Ok(())
 }
 

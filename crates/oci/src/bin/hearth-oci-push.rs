@@ -16,9 +16,13 @@ struct Args {
     /// Directory tree that becomes the image's root filesystem (ownership and modes are kept).
     #[arg(long)]
     rootfs: PathBuf,
-    /// Destination reference, e.g. `127.0.0.1:5000/hearth/base:latest`.
+    /// Destination reference, e.g. `127.0.0.1:5000/hearth/base:latest`; with
+    /// `--out-layout`, only its tag is used.
     #[arg(long)]
     to: String,
+    /// Write the OCI image layout into this directory instead of pushing it.
+    #[arg(long, value_name = "DIR")]
+    out_layout: Option<PathBuf>,
     /// Registry username.
     #[arg(long, env = "HEARTH_OCI_USERNAME")]
     username: Option<String>,
@@ -73,6 +77,11 @@ async fn main() -> anyhow::Result<()> {
         ..ImageConfig::default()
     };
 
+    if let Some(out) = &args.out_layout {
+        write_layout(&args.rootfs, &config, out, reference.tag_or_latest())
+            .with_context(|| format!("failed to pack {} into {}", args.rootfs.display(), out.display()))?;
+        return Ok(());
+    }
     let layout = tempfile::tempdir()
         .context("failed to create a temporary directory for the image layout")?;
     write_layout(
