@@ -48,16 +48,29 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def loopback_registry() -> Iterator[str]:
-    """Yields `127.0.0.1:PORT` of a fresh registry; stops it and deletes its storage after."""
+def loopback_registry(credentials: Optional[tuple[str, str]] = None) -> Iterator[str]:
+    """Yields `127.0.0.1:PORT` of a fresh registry; stops it and deletes its storage after.
+    With `credentials` (user name, password), the registry requires them (htpasswd)."""
     workdir = Path(tempfile.mkdtemp(prefix="hearth-registry-"))
     port = free_port()
     config = workdir / "config.yml"
+    auth = ""
+    if credentials is not None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt  # bcrypt through libxcrypt; the registry accepts only bcrypt hashes
+
+        username, password = credentials
+        hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))
+        (workdir / "htpasswd").write_text(f"{username}:{hashed}\n")
+        auth = f"auth:\n  htpasswd:\n    realm: hearth-test\n    path: {workdir / 'htpasswd'}\n"
     config.write_text(
         "version: 0.1\n"
         "log:\n  level: warn\n"
         f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n" + auth
     )
     log = open(workdir / "registry.log", "w")
     process = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
@@ -65,7 +78,7 @@ def loopback_registry() -> Iterator[str]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code in (200, 401):
                     break
             except httpx.HTTPError:
                 pass
@@ -97,9 +110,19 @@ def tiny_rootfs(root: Path, marker: Optional[str] = None) -> None:
     os.chmod(root / "tmp", 0o1777)
 
 
-def push_tiny_image(registry: str, repository: str, tag: str, marker: Optional[str] = None) -> str:
-    """Pushes the tiny image and returns its reference."""
+def push_tiny_image(
+    registry: str,
+    repository: str,
+    tag: str,
+    marker: Optional[str] = None,
+    credentials: Optional[tuple[str, str]] = None,
+) -> str:
+    """Pushes the tiny image (with `credentials` when the registry needs them) and returns
+    its reference."""
     reference = f"{registry}/{repository}:{tag}"
+    env = dict(os.environ)
+    if credentials is not None:
+        env["HEARTH_OCI_USERNAME"], env["HEARTH_OCI_PASSWORD"] = credentials
     with tempfile.TemporaryDirectory() as workdir:
         root = Path(workdir) / "rootfs"
         tiny_rootfs(root, marker)
@@ -110,6 +133,7 @@ def push_tiny_image(registry: str, repository: str, tag: str, marker: Optional[s
             ],
             check=True,
             stdout=subprocess.DEVNULL,
+            env=env,
         )
     return reference
 

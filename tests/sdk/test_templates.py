@@ -171,6 +171,28 @@ def test_dockerfile_build_with_the_cli(tiny_image: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_private_registry_needs_credentials() -> None:
+    credentials = ("hearth-user", "s3cret-Pa55")
+    with loopback_registry(credentials) as registry:
+        image = push_tiny_image(registry, "private/tiny", RUN_ID, credentials=credentials)
+        name = f"tiny-private-{RUN_ID}"
+
+        anonymous = Template().from_image(image).run_cmd("echo built > /built.txt")
+        with pytest.raises(BuildException) as failure:
+            Template.build(anonymous, name, cpu_count=1, memory_mb=256)
+        assert "authentication required" in str(failure.value)
+
+        with_credentials = Template().from_image(image, username=credentials[0], password=credentials[1])
+        Template.build(with_credentials.run_cmd("echo built > /built.txt"), name, cpu_count=1, memory_mb=256)
+
+    sbx = Sandbox.create(name, timeout=120)
+    try:
+        assert sbx.files.read("/built.txt") == "built\n"
+    finally:
+        kill_quietly(sbx.sandbox_id)
+
+
+@pytest.mark.timeout(600)
 def test_image_archive_with_the_cli(tmp_path: Path) -> None:
     archive = tmp_path / "tiny-layout.tar"
     tiny_image_archive(archive, RUN_ID)
