@@ -23,7 +23,7 @@ pub enum BaseDiskError {
     Image {
         reference: String,
         #[source]
-        source: hearth_oci::OciError,
+        source: Box<hearth_oci::OciError>,
     },
     #[error("template build {0} has no root filesystem")]
     Template(PathBuf),
@@ -103,7 +103,7 @@ pub async fn from_registry(
     auth: &RegistryAuth,
     progress: &(dyn Fn(&str) + Send + Sync),
 ) -> Result<(BaseDisk, ImageConfig), BaseDiskError> {
-    let image_err = |source| BaseDiskError::Image { reference: reference.to_owned(), source };
+    let image_err = |source| BaseDiskError::Image { reference: reference.to_owned(), source: Box::new(source) };
     let parsed = ImageReference::parse(reference).map_err(image_err)?;
     let client = RegistryClient::new(settings.plain_http_registries.clone());
     let blobs = settings.data_dir.cache_dir().join("blobs");
@@ -133,7 +133,8 @@ pub async fn from_image(
     let layers = image.layers.clone();
     let disk_for_task = disk.clone();
     build_disk(settings, &disk_for_task, move |tree| {
-        hearth_oci::unpack_layers(&layers, tree).map_err(|source| BaseDiskError::Image { reference: String::new(), source })
+        hearth_oci::unpack_layers(&layers, tree)
+            .map_err(|source| BaseDiskError::Image { reference: String::new(), source: Box::new(source) })
     })
     .await?;
     Ok((BaseDisk::Prepared { path: disk, key, defaults }, config))

@@ -322,20 +322,20 @@ async fn wait_for_health(vm: &mut Box<dyn Vm>, url: &str, timeout: Duration) -> 
             }
         }
         if !vm.is_running() {
-            return Err(BuildError::VmExited { url: url.to_owned(), console_tail: console_tail(vm) });
+            return Err(BuildError::VmExited { url: url.to_owned(), console_tail: console_tail(&**vm) });
         }
         if Instant::now() >= deadline {
             return Err(BuildError::HealthTimeout {
                 url: url.to_owned(),
                 timeout_secs: timeout.as_secs(),
-                console_tail: console_tail(vm),
+                console_tail: console_tail(&**vm),
             });
         }
         tokio::time::sleep(HEALTH_POLL_INTERVAL).await;
     }
 }
 
-fn console_tail(vm: &Box<dyn Vm>) -> String {
+fn console_tail(vm: &dyn Vm) -> String {
     read_console_tail(&vm.console_log())
 }
 

@@ -106,7 +106,7 @@ pub fn sdk_steps(
                 let uploaded = files_dir.join(hash);
                 let context = work_dir.join(format!("copy-context-{}", index + 1));
                 extract_upload(&uploaded, &context).map_err(|err| step_error(index, err))?;
-                let copy_plan = hearth_dockerfile::plan_copy(&context, &[src.clone()], dest, &workdir, &IgnoreMatcher::parse(""))
+                let copy_plan = hearth_dockerfile::plan_copy(&context, std::slice::from_ref(src), dest, &workdir, &IgnoreMatcher::parse(""))
                     .map_err(|err| step_error(index, format!("COPY {src} {dest}: {err}")))?;
                 let archive = work_dir.join(format!("copy-{}.tar", index + 1));
                 let written = write_copy_archive(&copy_plan, &archive).map_err(|err| step_error(index, err))?;
