@@ -2,7 +2,7 @@
 template build benchmark.
 
 The registry is Debian's `docker-registry`, started on 127.0.0.1 with its storage in a
-temporary directory and stopped by its PID. The image holds a static busybox and a static
+temporary directory and stopped by its PID. The image contains a static busybox and a static
 bash and is pushed with `hearth-oci-push`.
 """
 

@@ -85,7 +85,7 @@ def test_sdk_template_from_a_registry_image(tiny_image: str, tmp_path: Path) -> 
 
     sbx = Sandbox.create(name, timeout=300)
     try:
-        # The start command's server answers through the proxy right after the create.
+        # The start command's server responds through the proxy right after the create.
         page = proxy_get_by_host(sbx, 8080, "/index.html")
         assert page.status_code == 200
         assert page.text == "hello from the template\n"
@@ -158,7 +158,8 @@ def test_dockerfile_build_with_the_cli(tiny_image: str, tmp_path: Path) -> None:
     sbx = Sandbox.create(name, timeout=300)
     try:
         page = proxy_get_by_host(sbx, 8080, "/index.html")
-        assert page.status_code == 200 and page.text == "dockerfile site\n"
+        assert page.status_code == 200
+        assert page.text == "dockerfile site\n"
         assert run_ok(sbx, "whoami").strip() == "web"
         assert run_ok(sbx, "pwd").strip() == "/srv/www"
         assert run_ok(sbx, 'printf %s "$QUOTED"') == 'a "quoted" value with \\ backslash and $(not run)'
