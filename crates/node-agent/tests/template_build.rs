@@ -131,6 +131,7 @@ async fn vm_build_from_an_image_with_cache_start_command_and_delete() {
                 mode: None,
                 single_file: written.single_file,
                 force: false,
+                shown_dest: "/srv/www/".into(),
             },
             PlanStep::Env(vec![("TRICKY".into(), TRICKY.into())]),
             PlanStep::Workdir("/srv/www".into()),

@@ -92,6 +92,8 @@ pub enum PlanStep {
         mode: Option<u32>,
         single_file: bool,
         force: bool,
+        /// The destination as the user wrote it, for the build log.
+        shown_dest: String,
     },
     /// Adds environment variables for later steps and for the sandbox.
     Env(Vec<(String, String)>),
@@ -139,7 +141,7 @@ impl PlanStep {
                     None => format!("RUN {shown}"),
                 }
             }
-            PlanStep::Copy { dest, .. } => format!("COPY to {dest}"),
+            PlanStep::Copy { shown_dest, .. } => format!("COPY to {shown_dest}"),
             PlanStep::Env(vars) => {
                 let names: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
                 format!("ENV {}", names.join(" "))

@@ -119,6 +119,7 @@ pub fn sdk_steps(
                     mode,
                     single_file: written.single_file,
                     force: step.force,
+                    shown_dest: dest.clone(),
                 }
             }
             other => return Err(step_error(index, format!("unknown step type {other:?}"))),
@@ -508,7 +509,7 @@ fn stage_steps(
                             write_copy_archive(&plan, &archive).map(|written| (plan, written))
                         })
                         .map_err(line_error)?;
-                        out.steps.push(copy_step(planned.1, archive.clone(), chown, chmod));
+                        out.steps.push(copy_step(planned.1, archive.clone(), dest, chown, chmod));
                         continue;
                     }
                     Some(CopyFrom::Image(image)) => {
@@ -519,13 +520,13 @@ fn stage_steps(
                             write_copy_archive(&plan, &archive).map(|written| (plan, written))
                         })
                         .map_err(line_error)?;
-                        out.steps.push(copy_step(planned.1, archive.clone(), chown, chmod));
+                        out.steps.push(copy_step(planned.1, archive.clone(), dest, chown, chmod));
                         continue;
                     }
                 };
                 let plan = plan.map_err(|err| line_error(err.to_string()))?;
                 let written = write_copy_archive(&plan, &archive).map_err(line_error)?;
-                out.steps.push(copy_step(written, archive, chown, chmod));
+                out.steps.push(copy_step(written, archive, dest, chown, chmod));
             }
             InstructionKind::Env(vars) => out.steps.push(PlanStep::Env(vars.clone())),
             InstructionKind::Workdir(dir) => out.steps.push(PlanStep::Workdir(dir.clone())),
@@ -554,7 +555,7 @@ fn disk_path(disk: &BaseDisk) -> PathBuf {
     }
 }
 
-fn copy_step(written: CopyArchive, archive: PathBuf, chown: &Option<String>, chmod: &Option<u32>) -> PlanStep {
+fn copy_step(written: CopyArchive, archive: PathBuf, dest: &str, chown: &Option<String>, chmod: &Option<u32>) -> PlanStep {
     PlanStep::Copy {
         archive,
         content_hash: written.content_hash,
@@ -563,6 +564,7 @@ fn copy_step(written: CopyArchive, archive: PathBuf, chown: &Option<String>, chm
         mode: *chmod,
         single_file: written.single_file,
         force: false,
+        shown_dest: dest.to_owned(),
     }
 }
 
