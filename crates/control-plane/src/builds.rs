@@ -15,7 +15,7 @@ use hearth_types::{BuildId, TemplateId};
 /// tar. Hearth's own extension; `hearth template build --image-archive` sends it.
 pub const ARCHIVE_IMAGE_PREFIX: &str = "hearth-archive:";
 
-/// Where a build's root filesystem comes from.
+/// Source of a build's root filesystem.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BuildSource {
     /// An image in an OCI registry (`fromImage`), with optional registry credentials
@@ -130,7 +130,7 @@ pub struct BuildOutput {
     pub disk_mb: u64,
 }
 
-/// Why a build failed.
+/// Reason a build failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct BuildFailure {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use hearth_control_plane::builds::BuildSource;
-use hearth_control_plane::store::TemplateBuildRecord;
 use hearth_control_plane::testing::{RecordingBuilder, RecordingRuntime};
 use hearth_control_plane::{build_with_template_builder, new_build_id};
 use hearth_types::TemplateId;
@@ -17,7 +16,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use common::{assert_error, config, harness, Harness, Reply, API_KEY, BASE_TEMPLATE_ID};
+use common::{assert_error, config, harness, register_base_template, Harness, Reply, API_KEY, BASE_TEMPLATE_ID};
 
 /// Hash of a file uploaded in the tests (the SDK sends hex SHA-256).
 const HASH: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
@@ -33,19 +32,7 @@ async fn builder_harness_in(data_dir: tempfile::TempDir) -> (Harness, Arc<Record
         build_with_template_builder(config(data_dir.path()), runtime.clone(), Some(builder.clone()))
             .await
             .expect("build control plane");
-    control_plane
-        .store()
-        .register_template_build(&TemplateBuildRecord {
-            template_id: TemplateId::parse(BASE_TEMPLATE_ID).unwrap(),
-            build_id: new_build_id(),
-            vcpus: 2,
-            memory_mib: 512,
-            disk_mb: 2048,
-            envd_version: hearth_types::ENVD_VERSION.to_owned(),
-            aliases: vec!["base".to_owned()],
-        })
-        .await
-        .expect("register base template");
+    register_base_template(&control_plane).await;
     let harness = Harness { router, control_plane, runtime, data_dir };
     (harness, builder)
 }

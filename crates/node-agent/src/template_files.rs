@@ -19,7 +19,7 @@ use hearth_types::TemplateId;
 /// Name of the marker file of a deleted build that is still in use.
 const DELETED_MARKER: &str = "deleted";
 
-/// What [`delete_template`] did.
+/// Counts of what [`delete_template`] removed and kept.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DeleteOutcome {
     /// Builds removed now.
@@ -175,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn a_build_under_a_sandbox_disk_is_kept_until_the_sandbox_goes() {
+    fn delete_keeps_build_under_sandbox_disk() {
         let root = tempfile::tempdir().unwrap();
         let data_dir = DataDir::new(root.path());
         let used = fake_build(&data_dir, "app", "b1");

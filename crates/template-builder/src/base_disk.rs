@@ -44,7 +44,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BaseDiskError {
     move |source| BaseDiskError::Io { path, source }
 }
 
-/// What base disks are made with.
+/// Settings that base disks are made with.
 #[derive(Clone, Debug)]
 pub struct BaseDiskSettings {
     pub data_dir: DataDir,

@@ -203,9 +203,9 @@ pub struct CustomBuildOptions {
     pub boot: BootArtifacts,
     /// Ignore every cached layer.
     pub force: bool,
-    /// Longest a single step may run.
+    /// Maximum time a single step may run.
     pub step_timeout: Duration,
-    /// Longest the ready check may take to pass.
+    /// Maximum time the ready check may take to pass.
     pub ready_timeout: Duration,
     /// How long a start command without a ready check must keep running.
     pub start_settle: Duration,
@@ -258,7 +258,7 @@ pub enum LogKind {
 /// Receives the build log: the step a line belongs to, its kind and its text.
 pub type BuildLogFn = dyn Fn(&StepRef, LogKind, &str) + Send + Sync;
 
-/// What a build run ends with.
+/// The end of a build run.
 #[derive(Clone, Debug)]
 enum Mode {
     /// Start command, ready check, snapshot and a published template build.
@@ -267,7 +267,7 @@ enum Mode {
     Stage { output: PathBuf },
 }
 
-/// What a finished build produced.
+/// The result of a finished build.
 #[derive(Clone, Debug)]
 pub struct CustomBuilt {
     pub paths: TemplateBuildPaths,
@@ -348,7 +348,7 @@ fn hash_hex(parts: &[&str]) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// The cache key of every step: each hashes the one before it and the step.
+/// Computes the cache key of every step: each hashes the one before it and the step.
 fn step_keys(base_key: &str, steps: &[PlanStep]) -> Vec<String> {
     let mut previous = hash_hex(&[LAYER_KEY_VERSION, "base", base_key]);
     steps
@@ -360,8 +360,8 @@ fn step_keys(base_key: &str, steps: &[PlanStep]) -> Vec<String> {
         .collect()
 }
 
-/// The key of a whole plan's result: the key of its last step, or of its base when it
-/// has no steps.
+/// Returns the key of a whole plan's result: the key of its last step, or of its base
+/// when it has no steps.
 pub fn plan_key(base_key: &str, steps: &[PlanStep]) -> String {
     step_keys(base_key, steps)
         .pop()
@@ -583,8 +583,8 @@ async fn build_in(
                 if attempt < BOOT_ATTEMPTS {
                     // Under TCG on a loaded host a guest kernel can stall in its timer
                     // calibration before userspace; a fresh boot usually gets through.
-                    log(&StepRef::Base, LogKind::Warn, &format!("the build VM did not answer ({err}); booting it again"));
-                    tracing::warn!(attempt, error = %err, console_tail = %tail, "build VM did not answer; booting it again");
+                    log(&StepRef::Base, LogKind::Warn, &format!("the build VM did not respond ({err}); booting it again"));
+                    tracing::warn!(attempt, error = %err, console_tail = %tail, "build VM did not respond; booting it again");
                     attempt += 1;
                     continue;
                 }
@@ -788,7 +788,6 @@ async fn finalize_guest(
         .await
         .map_err(|err| fail(format!("envd /init with the template's defaults failed: {err}")))?;
 
-    let no_args: Vec<String> = Vec::new();
     let mut background = None;
     if let Some(start) = &plan.start {
         log(&fin, LogKind::Info, &format!("starting: {}", start.command));
@@ -883,7 +882,6 @@ async fn finalize_guest(
     if ready.is_some() {
         log(&fin, LogKind::Info, "ready");
     }
-    let _ = no_args;
 
     log(&fin, LogKind::Info, "saving the snapshot");
     let target = SnapshotTarget { vmstate: paths.vmstate(), memory: paths.memory(), diff: false };

@@ -144,12 +144,10 @@ fn extract_upload(archive: &Path, dest: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dest).map_err(|err| format!("failed to create {}: {err}", dest.display()))?;
     let file = std::fs::File::open(archive).map_err(|err| format!("uploaded files {}: {err}", archive.display()))?;
     let mut reader = std::io::BufReader::new(file);
-    let mut magic = [0u8; 2];
     let gzip = {
         use std::io::BufRead;
-        let head = reader.fill_buf().map_err(|err| format!("reading {}: {err}", archive.display()))?;
-        magic.copy_from_slice(&head[..head.len().min(2)].iter().copied().chain([0, 0]).take(2).collect::<Vec<_>>());
-        magic == [0x1f, 0x8b]
+        let head = reader.fill_buf().map_err(|err| format!("failed to read {}: {err}", archive.display()))?;
+        head.starts_with(&[0x1f, 0x8b])
     };
     let input: Box<dyn Read> = if gzip { Box::new(flate2::read::GzDecoder::new(reader)) } else { Box::new(reader) };
     let mut tar = tar::Archive::new(input);
@@ -482,7 +480,7 @@ fn stage_steps(
     let no_ignore = IgnoreMatcher::parse("");
     for (number, instruction) in stage.instructions.iter().enumerate() {
         let line_error = |message: String| {
-            CustomBuildError::new(StepRef::Number(out_len(&out.steps) + 1), format!("Dockerfile line {}: {message}", instruction.line))
+            CustomBuildError::new(StepRef::Number(out.steps.len() + 1), format!("Dockerfile line {}: {message}", instruction.line))
         };
         match &instruction.kind {
             InstructionKind::Run { command, env } => {
@@ -543,10 +541,6 @@ fn stage_steps(
         }
     }
     Ok(out)
-}
-
-fn out_len(steps: &[PlanStep]) -> usize {
-    steps.len()
 }
 
 fn disk_path(disk: &BaseDisk) -> PathBuf {

@@ -48,6 +48,17 @@ pub async fn harness_in(data_dir: tempfile::TempDir, runtime: RecordingRuntime) 
     let (router, control_plane) = build(config(data_dir.path()), runtime.clone())
         .await
         .expect("build control plane");
+    register_base_template(&control_plane).await;
+    Harness {
+        router,
+        control_plane,
+        runtime,
+        data_dir,
+    }
+}
+
+/// Registers a ready `base` template, as `hearth serve` does on its first start.
+pub async fn register_base_template(control_plane: &hearth_control_plane::ControlPlane) {
     control_plane
         .store()
         .register_template_build(&TemplateBuildRecord {
@@ -61,12 +72,6 @@ pub async fn harness_in(data_dir: tempfile::TempDir, runtime: RecordingRuntime) 
         })
         .await
         .expect("register base template");
-    Harness {
-        router,
-        control_plane,
-        runtime,
-        data_dir,
-    }
 }
 
 pub struct Reply {

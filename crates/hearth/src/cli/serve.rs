@@ -154,7 +154,7 @@ async fn serve_until_signal(
     proxy_listener: TcpListener,
 ) -> anyhow::Result<()> {
     // Build VMs add a disk layer per step to a running guest, which only the QEMU driver
-    // does; on Firecracker hosts the build routes answer 501 (see docs/templates.md).
+    // does; on Firecracker hosts the build routes return 501 (see docs/templates.md).
     let template_builder: Option<Arc<dyn hearth_control_plane::builds::TemplateBuilder>> =
         if driver.kind() == hearth_vmm::VmmKind::Qemu {
             let mut settings = BuildSettings::new(args.envd.resolve()?);
