@@ -43,9 +43,13 @@ netns_before=$(ip netns list | wc -l)
 api_key="e2b_$(head -c 20 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export E2B_API_URL=http://127.0.0.1:3000 E2B_SANDBOX_URL=http://127.0.0.1:3001 E2B_API_KEY="$api_key"
 
+# Every sandbox's DNS goes to the resolver in the network tests' own "internet" namespace
+# (tests/sdk/net_helpers.py), so no test query leaves the host.
+serve_args=(hearth serve --data-dir "$data_dir" --api-listen 127.0.0.1:3000 --proxy-listen 127.0.0.1:3001
+    --dns-server 198.18.0.2)
+
 start_server() {
-    HEARTH_API_KEY="$api_key" hearth serve --data-dir "$data_dir" \
-        --api-listen 127.0.0.1:3000 --proxy-listen 127.0.0.1:3001 >>"$work_dir/server.log" 2>&1 &
+    HEARTH_API_KEY="$api_key" "${serve_args[@]}" >>"$work_dir/server.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 1 300); do
         curl -fsS -m 2 http://127.0.0.1:3000/health >/dev/null 2>&1 && return 0
@@ -72,6 +76,12 @@ stop_server
 start_server
 "$venv/bin/python" "$root_dir/tests/sdk/restart_check.py" verify "$work_dir/restart.json" || status=$?
 stop_server
+
+# A VMM killed with SIGKILL, the server killed mid-create, then 1,000 create/kill cycles
+# through a /26 slot subnet (16 slots): every count must come back to where it started.
+HEARTH_API_KEY="$api_key" "$venv/bin/python" "$root_dir/tests/sdk/leak_check.py" \
+    --cycles "${HEARTH_LEAK_CYCLES:-1000}" --log "$work_dir/server.log" -- \
+    "${serve_args[@]}" --slot-subnet 10.207.255.0/26 --slot-pool-size 4 || status=$?
 
 netns_after=$(ip netns list | wc -l)
 if [[ "$netns_after" != "$netns_before" ]]; then

@@ -45,6 +45,11 @@ impl ApiError {
         }
     }
 
+    /// The message the client receives.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// 400: a request value is invalid.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)

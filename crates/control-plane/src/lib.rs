@@ -10,6 +10,7 @@ pub mod builds;
 pub mod error;
 mod lifecycle;
 pub mod models;
+pub mod network;
 mod pausing;
 pub mod runtime;
 mod sandboxes;

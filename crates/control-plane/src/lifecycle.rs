@@ -38,6 +38,9 @@ impl ControlPlane {
                 if let Err(err) = control_plane.reap_expired().await {
                     tracing::error!(error = %crate::error::error_chain(&err), "timeout reaper pass failed");
                 }
+                if let Err(err) = control_plane.reap_lost().await {
+                    tracing::error!(error = %crate::error::error_chain(&err), "lost sandbox pass failed");
+                }
             }
             tracing::debug!("timeout reaper stopped");
         })
@@ -72,6 +75,40 @@ impl ControlPlane {
             }
         }
         Ok(killed)
+    }
+
+    /// Marks killed every sandbox recorded as running that the runtime no longer runs (its
+    /// VM exited on its own). Returns how many were marked.
+    pub async fn reap_lost(&self) -> Result<usize, StoreError> {
+        let recorded = self.store().list_running_sandbox_ids().await?;
+        if recorded.is_empty() {
+            return Ok(0);
+        }
+        let running: HashSet<SandboxId> = self.runtime().running().await.into_iter().collect();
+        let mut marked = 0;
+        for sandbox_id in recorded.into_iter().filter(|id| !running.contains(id)) {
+            // A pause, resume or kill holds this lock and changes the record before it
+            // lets go; check again under it.
+            let _guard = self.lock_sandbox(&sandbox_id).await;
+            let still_running = self
+                .store()
+                .get_live_sandbox(&sandbox_id)
+                .await?
+                .is_some_and(|record| record.state == crate::store::SandboxState::Running);
+            if !still_running || self.runtime().running().await.contains(&sandbox_id) {
+                continue;
+            }
+            let reason = "its VM exited unexpectedly";
+            if self
+                .store()
+                .mark_sandbox_ended(&sandbox_id, Utc::now(), reason)
+                .await?
+            {
+                tracing::warn!(sandbox_id = %sandbox_id, reason, "sandbox lost; marked killed");
+                marked += 1;
+            }
+        }
+        Ok(marked)
     }
 
     /// Aligns the database with the runtime after a start: sandboxes recorded as running

@@ -31,7 +31,7 @@ pub struct NewSandbox {
     pub secure: Option<bool>,
     /// False denies all outbound traffic from the sandbox.
     pub allow_internet_access: Option<bool>,
-    /// Network settings; only `allowPublicTraffic` is supported so far.
+    /// Network settings: `allowOut`, `denyOut`, `dnsServers` and `allowPublicTraffic`.
     #[schema(value_type = Option<Object>)]
     pub network: Option<Value>,
     /// String key/value pairs to tag the sandbox with, for filtering lists.
@@ -70,7 +70,7 @@ pub struct CreatedSandbox {
     /// Token envd requires in `X-Access-Token`.
     #[serde(rename = "envdAccessToken", skip_serializing_if = "Option::is_none")]
     pub envd_access_token: Option<String>,
-    /// Token the proxy requires; always null because Hearth issues none yet.
+    /// Token the proxy requires on the sandbox's ports when `allowPublicTraffic` is false.
     #[serde(rename = "trafficAccessToken")]
     pub traffic_access_token: Option<String>,
     /// Domain under which `<port>-<sandboxID>.<domain>` reaches the sandbox; null lets the

@@ -145,7 +145,8 @@ impl ControlPlane {
             env_vars: HashMap::new(),
             envd_access_token: record.envd_access_token.clone(),
             previous_access_token: None,
-            allow_internet_access: record.allow_internet_access.unwrap_or(true),
+            egress: record.network.egress_policy(record.allow_internet_access)?,
+            traffic_access_token: record.traffic_access_token.clone(),
         };
         let started = Instant::now();
         let resumed = match self.runtime().resume(spec).await {
@@ -210,6 +211,7 @@ impl ControlPlane {
                 format!("sandbox {sandbox_id} is paused; resume it to fork it"),
             ));
         }
+        let egress = parent.network.egress_policy(parent.allow_internet_access)?;
         let specs: Vec<SandboxSpec> = (0..count)
             .map(|_| SandboxSpec {
                 sandbox_id: SandboxId::generate(),
@@ -220,7 +222,11 @@ impl ControlPlane {
                 env_vars: HashMap::new(),
                 envd_access_token: parent.envd_access_token.clone(),
                 previous_access_token: None,
-                allow_internet_access: parent.allow_internet_access.unwrap_or(true),
+                egress: egress.clone(),
+                traffic_access_token: parent
+                    .network
+                    .requires_traffic_token()
+                    .then(crate::sandboxes::generate_access_token),
             })
             .collect();
         let results = match self.runtime().fork(sandbox_id, specs.clone()).await {
@@ -259,6 +265,8 @@ impl ControlPlane {
             envd_access_token: parent.envd_access_token.clone(),
             envd_version: started.envd_version.clone(),
             allow_internet_access: parent.allow_internet_access,
+            network: parent.network.clone(),
+            traffic_access_token: spec.traffic_access_token.clone(),
             auto_pause: parent.auto_pause,
             vcpus: parent.vcpus,
             memory_mib: parent.memory_mib,

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use hearth_network::egress::EgressPolicy;
 use hearth_types::{BuildId, SandboxId, TemplateId};
 
 /// Request to the node agent to start one sandbox.
@@ -28,9 +29,10 @@ pub struct SandboxSpec {
     /// Token the restored guest's envd already requires, when the snapshot came from a
     /// secured sandbox. `/init` sends it so that envd accepts the new token.
     pub previous_access_token: Option<String>,
-    /// False when the request set `allow_internet_access: false`: the sandbox must not reach
-    /// the internet. True when the request allowed it or left it unset.
-    pub allow_internet_access: bool,
+    /// Destinations the sandbox may and may not open connections to.
+    pub egress: EgressPolicy,
+    /// Token the proxy requires on the sandbox's ports (other than envd's), if any.
+    pub traffic_access_token: Option<String>,
 }
 
 /// A sandbox the node agent has started, with envd initialised.
@@ -108,6 +110,10 @@ pub trait SandboxRuntime: Send + Sync + 'static {
     /// Restores a paused sandbox and initialises envd again (clock, env vars, token).
     /// On error the sandbox stays paused with its files untouched.
     async fn resume(&self, spec: SandboxSpec) -> Result<StartedSandbox, RuntimeError>;
+
+    /// Replaces a running sandbox's egress policy. New connections follow it at once; open
+    /// ones are judged again at their next packet.
+    async fn update_network(&self, sandbox_id: &SandboxId, egress: EgressPolicy) -> Result<(), RuntimeError>;
 
     /// Deletes a paused sandbox's files.
     async fn discard_paused(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError>;

@@ -10,7 +10,10 @@ use rand::RngCore;
 use serde_json::Value;
 
 use crate::error::ApiError;
+use hearth_network::egress::EgressPolicy;
+
 use crate::models::NewSandbox;
+use crate::network::{parse_create_network, NetworkSettings};
 use crate::runtime::{RuntimeError, SandboxSpec};
 use crate::store::{BuildStatus, NewSandboxRecord, SandboxRecord};
 use crate::{validate, ControlPlane};
@@ -65,6 +68,8 @@ struct CreateRequest {
     env_vars: BTreeMap<String, String>,
     secure: bool,
     allow_internet_access: Option<bool>,
+    network: NetworkSettings,
+    egress: EgressPolicy,
     auto_pause: bool,
     auto_resume: bool,
 }
@@ -105,6 +110,10 @@ impl ControlPlane {
 
         let sandbox_id = SandboxId::generate();
         let envd_access_token = request.secure.then(generate_access_token);
+        let traffic_access_token = request
+            .network
+            .requires_traffic_token()
+            .then(generate_access_token);
         // A snapshot of a secured sandbox restores an envd that requires that sandbox's token.
         let previous_access_token = self.store().snapshot_source_token(&template.template_id).await?;
         let spec = SandboxSpec {
@@ -120,7 +129,8 @@ impl ControlPlane {
                 .collect::<HashMap<_, _>>(),
             envd_access_token: envd_access_token.clone(),
             previous_access_token,
-            allow_internet_access: request.allow_internet_access.unwrap_or(true),
+            egress: request.egress.clone(),
+            traffic_access_token: traffic_access_token.clone(),
         };
 
         let started = Instant::now();
@@ -140,6 +150,8 @@ impl ControlPlane {
             envd_access_token,
             envd_version: started_sandbox.envd_version.clone(),
             allow_internet_access: request.allow_internet_access,
+            network: request.network.clone(),
+            traffic_access_token,
             auto_pause: request.auto_pause,
             vcpus: template.vcpus,
             memory_mib: template.memory_mib,
@@ -222,6 +234,8 @@ impl ControlPlane {
             ));
         }
 
+        let network = parse_create_network(body.network.as_ref())?;
+        let egress = network.egress_policy(body.allow_internet_access)?;
         Ok(CreateRequest {
             template,
             timeout,
@@ -229,6 +243,8 @@ impl ControlPlane {
             env_vars: validate::env_vars(body.env_vars)?,
             secure: api == CreateApi::V2 || body.secure.unwrap_or(false),
             allow_internet_access: body.allow_internet_access,
+            network,
+            egress,
             auto_pause,
             auto_resume,
         })
@@ -334,37 +350,6 @@ fn reject_unsupported_options(body: &NewSandbox) -> Result<(), ApiError> {
             "invalid volumeMounts: volumes are not supported by this Hearth server",
         ));
     }
-    if let Some(network) = &body.network {
-        check_network(network)?;
-    }
-    Ok(())
-}
-
-/// Accepts a network configuration only when it requests nothing beyond the defaults.
-// TODO: apply allowOut/denyOut rules once the node agent enforces per-sandbox egress lists.
-fn check_network(network: &Value) -> Result<(), ApiError> {
-    let Value::Object(fields) = network else {
-        if network.is_null() {
-            return Ok(());
-        }
-        return Err(ApiError::bad_request("invalid network: expected an object"));
-    };
-    for (name, value) in fields {
-        let is_default = match name.as_str() {
-            "allowPublicTraffic" => value.is_null() || value.as_bool() == Some(true),
-            "allowOut" | "denyOut" | "dnsServers" | "httpsPorts" => {
-                value.is_null() || value.as_array().is_some_and(Vec::is_empty)
-            }
-            "rules" => value.is_null() || value.as_object().is_some_and(|rules| rules.is_empty()),
-            "maskRequestHost" | "egressProxy" => value.is_null(),
-            _ => false,
-        };
-        if !is_default {
-            return Err(ApiError::bad_request(format!(
-                "invalid network.{name}: this Hearth server does not support network rules yet; use allow_internet_access"
-            )));
-        }
-    }
     Ok(())
 }
 
@@ -422,7 +407,7 @@ fn start_error(err: &RuntimeError) -> ApiError {
 }
 
 /// Generates the token envd requires when a sandbox is secured: 32 random bytes as hex.
-fn generate_access_token() -> String {
+pub(crate) fn generate_access_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     hex::encode(bytes)

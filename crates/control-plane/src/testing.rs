@@ -19,6 +19,7 @@ pub enum RuntimeCall {
     Resume(SandboxSpec),
     Snapshot(SandboxId, SnapshotSpec),
     Fork(SandboxId, Vec<SandboxSpec>),
+    UpdateNetwork(SandboxId, hearth_network::egress::EgressPolicy),
 }
 
 /// Failure mode of the next pauses of a [`RecordingRuntime`].
@@ -171,6 +172,22 @@ impl SandboxRuntime for RecordingRuntime {
         }
         self.running.lock().unwrap().insert(spec.sandbox_id);
         Ok(StartedSandbox { envd_version: hearth_types::ENVD_VERSION.to_owned(), timings: Vec::new() })
+    }
+
+    async fn update_network(
+        &self,
+        sandbox_id: &SandboxId,
+        egress: hearth_network::egress::EgressPolicy,
+    ) -> Result<(), RuntimeError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(RuntimeCall::UpdateNetwork(sandbox_id.clone(), egress));
+        if self.running.lock().unwrap().contains(sandbox_id) {
+            Ok(())
+        } else {
+            Err(RuntimeError::NotFound(sandbox_id.clone()))
+        }
     }
 
     async fn discard_paused(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {

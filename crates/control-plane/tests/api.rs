@@ -57,7 +57,8 @@ async fn create_v2_returns_sdk_fields() {
     assert_eq!(spec.memory_mib, 512);
     assert_eq!(spec.env_vars.get("FOO").map(String::as_str), Some("bar"));
     assert_eq!(spec.envd_access_token.as_deref(), Some(token));
-    assert!(spec.allow_internet_access);
+    assert!(spec.egress.is_open());
+    assert!(spec.traffic_access_token.is_none());
 }
 
 #[tokio::test]
@@ -106,7 +107,10 @@ async fn create_passes_internet_access_to_runtime() {
     let id = h
         .create(json!({"templateID": "base", "allow_internet_access": false}))
         .await;
-    assert!(!h.runtime.started()[0].allow_internet_access);
+    assert_eq!(
+        h.runtime.started()[0].egress.deny,
+        vec!["0.0.0.0/0".parse().unwrap()]
+    );
 
     let detail = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     assert_eq!(detail.body["allowInternetAccess"], false);
@@ -602,7 +606,11 @@ async fn create_rejects_bad_input() {
         json!({"templateID": "base", "unknownField": 1}),
         json!({"templateID": ""}),
         json!({"timeout": 10}),
-        json!({"templateID": "base", "network": {"denyOut": ["0.0.0.0/0"]}}),
+        json!({"templateID": "base", "network": {"denyOut": ["example.com"]}}),
+        json!({"templateID": "base", "network": {"allowOut": ["bad domain!"]}}),
+        json!({"templateID": "base", "network": {"allowOut": ["10.0.0.1/8"]}}),
+        json!({"templateID": "base", "network": {"dnsServers": ["dns.google"]}}),
+        json!({"templateID": "base", "network": {"maskRequestHost": "x.example.com"}}),
         json!({"templateID": "base", "volumeMounts": [{"name": "v", "path": "/data"}]}),
         json!({"templateID": "base", "autoResume": {"enabled": true}}),
         json!({"templateID": "base", "autoPause": true, "autoResume": {"enabled": "yes"}}),
@@ -714,7 +722,6 @@ async fn unimplemented_routes_are_501_json() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
     for (method, uri) in [
-        (Method::PUT, format!("/sandboxes/{id}/network")),
         (Method::GET, format!("/sandboxes/{id}/metrics")),
         (Method::POST, "/v3/templates".to_owned()),
         (Method::GET, format!("/sandboxes/{id}/logs")),

@@ -10,6 +10,7 @@ mod build_copy;
 mod connect;
 mod files;
 mod filesystem;
+mod port_forward;
 mod process;
 mod state;
 mod users;
@@ -150,6 +151,7 @@ fn serve(options: Options, is_guest: bool) -> anyhow::Result<()> {
             .await
             .map_err(|err| anyhow::anyhow!("failed to listen on {address}: {err}"))?;
         tracing::info!(%address, version = hearth_types::ENVD_VERSION, default_user = %options.default_user, "envd listening");
+        port_forward::spawn(is_guest, options.port);
         axum::serve(listener, app).await?;
         Ok(())
     })

@@ -11,11 +11,14 @@
 //! instance left behind.
 
 mod command;
+pub mod dns;
+pub mod domain_proxy;
 pub mod egress;
 pub mod instance;
 pub mod pool;
 mod setup;
 pub mod slot;
+pub mod sniff;
 pub mod subnet;
 pub mod sweep;
 
@@ -24,4 +27,4 @@ pub use instance::InstanceId;
 pub use pool::{PoolError, PoolStats, SlotPool, SlotPoolConfig};
 pub use slot::Slot;
 pub use subnet::Ipv4Subnet;
-pub use sweep::SweepReport;
+pub use sweep::{SweepError, SweepReport};

@@ -21,30 +21,44 @@ pub(crate) struct SlotPlan {
     pub host_veth: String,
     pub host_ip: Ipv4Addr,
     pub guest_route_ip: Ipv4Addr,
+    /// Resolver every DNS query of the guest is sent to.
+    pub dns_server: Ipv4Addr,
 }
 
 impl SlotPlan {
     /// Plans slot `index` of `instance` in `subnet`, or `None` past the subnet's capacity.
-    pub fn new(instance: &InstanceId, subnet: &Ipv4Subnet, index: u32) -> Option<Self> {
+    pub fn new(
+        instance: &InstanceId,
+        subnet: &Ipv4Subnet,
+        index: u32,
+        dns_server: Ipv4Addr,
+    ) -> Option<Self> {
         Some(Self {
             index,
             netns: instance.netns_name(index),
             host_veth: instance.host_veth_name(index),
             host_ip: subnet.host_ip(index)?,
             guest_route_ip: subnet.guest_route_ip(index)?,
+            dns_server,
         })
     }
 }
 
+/// Metadata services outside the link-local range that slots must not reach (Alibaba
+/// Cloud's). Link-local (169.254.0.0/16) is blocked as a whole.
+const METADATA_ADDRESSES: &str = "100.100.100.200";
+
 /// Enables forwarding on the host and installs the instance's nftables table, replacing
 /// any earlier copy:
-/// - forward: slots cannot reach each other or link-local addresses (such as a cloud
-///   metadata service) through the host;
+/// - forward: slots cannot reach each other, link-local addresses (such as a cloud
+///   metadata service) or other metadata addresses through the host; the one exception
+///   is DNS to `dns_server` when it is link-local, as some clouds' resolvers are;
 /// - input: slots cannot open connections to the host's own services;
 /// - postrouting: slot traffic leaving the host is masqueraded.
 pub(crate) fn install_host_rules(
     instance: &InstanceId,
     subnet: &Ipv4Subnet,
+    dns_server: Ipv4Addr,
 ) -> Result<(), CommandError> {
     command::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
 
@@ -59,11 +73,13 @@ pub(crate) fn install_host_rules(
            chain forward {{\n\
              type filter hook forward priority filter; policy accept;\n\
              iifname \"{veths}\" oifname \"{veths}\" drop\n\
-             iifname \"{veths}\" ip daddr 169.254.0.0/16 drop\n\
+             iifname \"{veths}\" ip daddr {dns_server} meta l4proto {{ tcp, udp }} th dport 53 accept\n\
+             iifname \"{veths}\" ip daddr {{ 169.254.0.0/16, {METADATA_ADDRESSES} }} drop\n\
            }}\n\
            chain input {{\n\
              type filter hook input priority filter; policy accept;\n\
              iifname \"{veths}\" ct state established,related accept\n\
+             iifname \"{veths}\" ip daddr {dns_server} meta l4proto {{ tcp, udp }} th dport 53 accept\n\
              iifname \"{veths}\" drop\n\
            }}\n\
            chain postrouting {{\n\
@@ -108,6 +124,7 @@ fn configure_slot(plan: &SlotPlan) -> Result<Slot, CommandError> {
         host_veth,
         host_ip,
         guest_route_ip,
+        dns_server,
         ..
     } = plan;
 
@@ -133,11 +150,21 @@ fn configure_slot(plan: &SlotPlan) -> Result<Slot, CommandError> {
     );
     command::run("ip", &["-n", netns, "-batch", "-"], Some(&netns_batch))?;
 
-    let nat_rules = format!(
+    // - prerouting: the host reaches every TCP port of the guest at `guest_route_ip`; every
+    //   DNS query of the guest, whatever server it names, goes to `dns_server`;
+    // - forward: the guest sends only from its own address, so nothing it sends can pass
+    //   for another host's traffic;
+    // - postrouting: the guest's traffic leaves with the slot's address.
+    let rules = format!(
         "table ip hearth_slot {{\n\
            chain prerouting {{\n\
              type nat hook prerouting priority dstnat; policy accept;\n\
              iifname \"{NETNS_VETH_NAME}\" ip daddr {guest_route_ip} meta l4proto tcp dnat to {GUEST_IP}\n\
+             iifname \"{TAP_NAME}\" ip saddr {GUEST_IP} meta l4proto {{ tcp, udp }} th dport 53 dnat to {dns_server}:53\n\
+           }}\n\
+           chain forward {{\n\
+             type filter hook forward priority filter - 10; policy accept;\n\
+             iifname \"{TAP_NAME}\" ip saddr != {GUEST_IP} drop\n\
            }}\n\
            chain postrouting {{\n\
              type nat hook postrouting priority srcnat; policy accept;\n\
@@ -147,7 +174,10 @@ fn configure_slot(plan: &SlotPlan) -> Result<Slot, CommandError> {
     );
     command::in_netns(netns, move || {
         command::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-        command::run("nft", &["-f", "-"], Some(&nat_rules))?;
+        // Slots carry IPv4 only; with IPv6 off no guest packet can take another path.
+        command::write_sysctl("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1")?;
+        command::write_sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1")?;
+        command::run("nft", &["-f", "-"], Some(&rules))?;
         Ok(())
     })?;
 

@@ -9,6 +9,8 @@ use async_trait::async_trait;
 use hearth_control_plane::runtime::{
     PausedSandbox, RuntimeError, SandboxRuntime, SandboxSpec, SnapshotSpec, StartedSandbox,
 };
+use hearth_network::domain_proxy::DomainProxy;
+use hearth_network::egress::{self, EgressPolicy};
 use hearth_network::{PoolError, Slot, SlotPool};
 use hearth_proxy::{Route, RouteTable};
 use hearth_storage::{
@@ -56,6 +58,12 @@ struct RunningSandbox {
     /// Pauses so far.
     generation: u32,
     envd_version: String,
+    /// Egress policy in force.
+    egress: EgressPolicy,
+    /// Proxy for the policy's allowed domain names, while it has any.
+    domain_proxy: Option<DomainProxy>,
+    /// Token the proxy requires on the sandbox's ports, if any.
+    traffic_access_token: Option<String>,
 }
 
 /// A sandbox's entry: `None` once a pause or stop has ended it, so a request that waited
@@ -172,6 +180,53 @@ impl NodeAgent {
         paused
     }
 
+    /// Finds sandboxes whose VMM process has exited on its own (killed, crashed), removes
+    /// them and releases their slots and files. Returns their IDs; the control plane
+    /// learns of them through [`SandboxRuntime::running`]. A sandbox busy with another
+    /// operation is checked at the next call.
+    pub async fn reap_dead_vms(&self) -> Vec<SandboxId> {
+        let cells: Vec<(SandboxId, SandboxCell)> = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, cell)| (id.clone(), cell.clone()))
+            .collect();
+        let mut reaped = Vec::new();
+        for (sandbox_id, cell) in cells {
+            let Ok(mut guard) = cell.try_lock() else {
+                continue;
+            };
+            let exited = guard.as_mut().is_some_and(|sandbox| !sandbox.vm.is_running());
+            if !exited {
+                continue;
+            }
+            let sandbox = guard.take().expect("checked above");
+            tracing::warn!(sandbox_id = %sandbox_id, vmm_pid = sandbox.vm.pid(), "the sandbox's VMM exited on its own; removing the sandbox");
+            self.forget(&sandbox_id);
+            self.destroy(&sandbox_id, sandbox).await;
+            reaped.push(sandbox_id);
+        }
+        reaped
+    }
+
+    /// Starts a task that calls [`NodeAgent::reap_dead_vms`] every `interval` for as long
+    /// as the node agent exists.
+    pub fn spawn_watchdog(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(node) = node.upgrade() else {
+                    return;
+                };
+                node.reap_dead_vms().await;
+            }
+        })
+    }
+
     /// Returns the slot pool, for metrics and template builds.
     pub fn slots(&self) -> &SlotPool {
         &self.slots
@@ -188,6 +243,7 @@ impl NodeAgent {
         }
         let report = self.slots.shutdown().await.map_err(NodeError::Slots)?;
         tracing::info!(
+            processes = report.processes,
             namespaces = report.namespaces,
             interfaces = report.interfaces,
             nft_table = report.nft_table,
@@ -250,7 +306,7 @@ impl NodeAgent {
             sandbox_id.as_str(),
             Route {
                 address: sandbox.slot.guest_route_ip,
-                traffic_access_token: None,
+                traffic_access_token: sandbox.traffic_access_token.clone(),
             },
         );
         let cell = Arc::new(tokio::sync::Mutex::new(Some(sandbox)));
@@ -278,14 +334,26 @@ impl NodeAgent {
         run_dir: &Path,
         timings: &mut StartTimings,
         started: Instant,
-    ) -> Result<(Box<dyn Vm>, Slot), RestoreFailure> {
+    ) -> Result<Placed, RestoreFailure> {
         let before_run = |error| RestoreFailure { error, guest_ran: false };
         let slot = self
             .slots
             .acquire()
             .await
             .map_err(|err| before_run(RuntimeError::Capacity(err.to_string())))?;
-        let mark = timings.record("slot", started);
+        let mut mark = timings.record("slot", started);
+        // The rules are in place before the guest runs, so it never sees a moment without them.
+        let mut domain_proxy = None;
+        if !spec.egress.is_open() {
+            match apply_egress(&slot, &spec.egress, None, false).await {
+                Ok(proxy) => domain_proxy = proxy,
+                Err(err) => {
+                    self.release_slot(&spec.sandbox_id, slot).await;
+                    return Err(before_run(err));
+                }
+            }
+            mark = timings.record("egress_rule", mark);
+        }
         restore.placement = VmPlacement {
             netns: Some(slot.netns.clone()),
             run_dir: run_dir.to_owned(),
@@ -308,7 +376,7 @@ impl NodeAgent {
             // The restore had resumed the guest, so it may have written to its disk.
             return Err(RestoreFailure { error: err, guest_ran: true });
         }
-        Ok((vm, slot))
+        Ok(Placed { vm, slot, domain_proxy })
     }
 
     /// Like [`NodeAgent::restore_in_new_slot`] for a sandbox that did not exist before
@@ -320,7 +388,7 @@ impl NodeAgent {
         run_dir: &Path,
         timings: &mut StartTimings,
         mark: Instant,
-    ) -> Result<(Box<dyn Vm>, Slot), RuntimeError> {
+    ) -> Result<Placed, RuntimeError> {
         let restored = self.restore_in_new_slot(spec, restore, run_dir, timings, mark).await;
         restored.map_err(|failure| {
             remove_dir(&spec.sandbox_id, run_dir);
@@ -328,8 +396,8 @@ impl NodeAgent {
         })
     }
 
-    /// Applies the egress rule and initialises envd once it accepts connections. The
-    /// init sets the guest's wall clock to the host's.
+    /// Initialises envd once it accepts connections. The init sets the guest's wall clock
+    /// to the host's.
     async fn init_guest(
         &self,
         spec: &SandboxSpec,
@@ -337,20 +405,6 @@ impl NodeAgent {
         timings: &mut StartTimings,
         mark: Instant,
     ) -> Result<(), RuntimeError> {
-        let mut mark = mark;
-        if !spec.allow_internet_access {
-            let slot = slot.clone();
-            tokio::task::spawn_blocking(move || {
-                hearth_network::egress::set_internet_access(&slot, false)
-            })
-            .await
-            .map_err(|err| RuntimeError::Failed(format!("egress rule task failed: {err}")))?
-            .map_err(|err| {
-                RuntimeError::Failed(format!("failed to block internet access: {err}"))
-            })?;
-            mark = timings.record("egress_rule", mark);
-        }
-
         let request = InitRequest {
             env_vars: &spec.env_vars,
             access_token: spec.envd_access_token.as_deref(),
@@ -569,7 +623,7 @@ impl NodeAgent {
                 run_dir: run_dir.clone(),
             },
         };
-        let (vm, slot) = self
+        let Placed { vm, slot, domain_proxy } = self
             .restore_new_sandbox(&spec, restore, &run_dir, &mut timings, mark)
             .await?;
         let envd_version = template.manifest.envd_version.clone();
@@ -587,6 +641,9 @@ impl NodeAgent {
                 memory_file: checkpoint.memory_file.clone(),
                 generation: 0,
                 envd_version: envd_version.clone(),
+                egress: spec.egress.clone(),
+                domain_proxy,
+                traffic_access_token: spec.traffic_access_token.clone(),
             },
         );
         Ok(StartedSandbox {
@@ -594,6 +651,44 @@ impl NodeAgent {
             timings: timings.phases,
         })
     }
+}
+
+/// A restored VM in its slot.
+struct Placed {
+    vm: Box<dyn Vm>,
+    slot: Slot,
+    domain_proxy: Option<DomainProxy>,
+}
+
+/// Installs `policy` in `slot` and returns the domain proxy it needs, if any: `current`
+/// (given the new names) when there is one, else a new one. The proxy is listening before
+/// the rules send connections to it. `reset_connections` makes open connections follow
+/// the new rules too.
+async fn apply_egress(
+    slot: &Slot,
+    policy: &EgressPolicy,
+    current: Option<DomainProxy>,
+    reset_connections: bool,
+) -> Result<Option<DomainProxy>, RuntimeError> {
+    let proxy = if policy.allow_domains.is_empty() {
+        None
+    } else if let Some(proxy) = current {
+        proxy.set_domains(policy.allow_domains.clone());
+        Some(proxy)
+    } else {
+        Some(
+            DomainProxy::start(&slot.netns, policy.allow_domains.clone())
+                .await
+                .map_err(|err| RuntimeError::Failed(format!("failed to start the domain proxy: {err}")))?,
+        )
+    };
+    let slot = slot.clone();
+    let policy = policy.clone();
+    tokio::task::spawn_blocking(move || egress::apply(&slot, &policy, reset_connections))
+        .await
+        .map_err(|err| RuntimeError::Failed(format!("egress rule task failed: {err}")))?
+        .map_err(|err| RuntimeError::Failed(format!("failed to install the egress rules: {err}")))?;
+    Ok(proxy)
 }
 
 /// A failed [`NodeAgent::restore_in_new_slot`].
@@ -687,7 +782,7 @@ impl SandboxRuntime for NodeAgent {
                 run_dir: run_dir.clone(),
             },
         };
-        let (vm, slot) = self
+        let Placed { vm, slot, domain_proxy } = self
             .restore_new_sandbox(&spec, restore, &run_dir, &mut timings, mark)
             .await?;
 
@@ -714,6 +809,9 @@ impl SandboxRuntime for NodeAgent {
                 memory_file,
                 generation: 0,
                 envd_version: envd_version.clone(),
+                egress: spec.egress.clone(),
+                domain_proxy,
+                traffic_access_token: spec.traffic_access_token.clone(),
             },
         );
         Ok(StartedSandbox {
@@ -920,7 +1018,7 @@ impl SandboxRuntime for NodeAgent {
                 run_dir: run_dir.clone(),
             },
         };
-        let (vm, slot) = match self
+        let Placed { vm, slot, domain_proxy } = match self
             .restore_in_new_slot(&spec, restore, &run_dir, &mut timings, mark)
             .await
         {
@@ -983,12 +1081,35 @@ impl SandboxRuntime for NodeAgent {
                 memory_file,
                 generation: record.generation,
                 envd_version: envd_version.clone(),
+                egress: spec.egress.clone(),
+                domain_proxy,
+                traffic_access_token: spec.traffic_access_token.clone(),
             },
         );
         Ok(StartedSandbox {
             envd_version,
             timings: timings.phases,
         })
+    }
+
+    async fn update_network(&self, sandbox_id: &SandboxId, policy: EgressPolicy) -> Result<(), RuntimeError> {
+        let Some(cell) = self.cell(sandbox_id) else {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        };
+        let mut guard = cell.lock().await;
+        let Some(sandbox) = guard.as_mut() else {
+            return Err(RuntimeError::NotFound(sandbox_id.clone()));
+        };
+        let started = Instant::now();
+        let current = sandbox.domain_proxy.take();
+        sandbox.domain_proxy = apply_egress(&sandbox.slot, &policy, current, true).await?;
+        sandbox.egress = policy;
+        tracing::info!(
+            sandbox_id = %sandbox_id,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "egress rules replaced"
+        );
+        Ok(())
     }
 
     async fn discard_paused(&self, sandbox_id: &SandboxId) -> Result<(), RuntimeError> {

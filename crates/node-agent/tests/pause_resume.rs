@@ -127,7 +127,8 @@ fn spec(template_id: &TemplateId, build_id: &BuildId, vcpus: u32, memory_mib: u3
         env_vars: HashMap::new(),
         envd_access_token: Some(TOKEN.to_owned()),
         previous_access_token: None,
-        allow_internet_access: true,
+        egress: Default::default(),
+        traffic_access_token: None,
     }
 }
 

@@ -50,7 +50,8 @@ async fn vm_start_init_and_stop_cleanly() {
         env_vars: HashMap::from([("HEARTH_TEST_VAR".to_owned(), "value with spaces".to_owned())]),
         envd_access_token: Some("test-token".to_owned()),
         previous_access_token: None,
-        allow_internet_access: true,
+        egress: Default::default(),
+        traffic_access_token: None,
     };
     let started = node.start(spec).await.unwrap();
     assert_eq!(started.envd_version, manifest.envd_version);

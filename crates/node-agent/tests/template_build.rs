@@ -212,7 +212,8 @@ async fn vm_build_from_an_image_with_cache_start_command_and_delete() {
         env_vars: HashMap::new(),
         envd_access_token: None,
         previous_access_token: None,
-        allow_internet_access: true,
+        egress: Default::default(),
+        traffic_access_token: None,
     })
     .await
     .unwrap();

@@ -28,6 +28,7 @@ use crate::{auth, models, ControlPlane};
         sandboxes::connect_v1,
         sandboxes::connect_v2,
         sandboxes::pause,
+        sandboxes::update_network,
         sandboxes::resume,
         sandboxes::fork,
         sandboxes::create_snapshot,
@@ -59,6 +60,7 @@ use crate::{auth, models, ControlPlane};
     components(schemas(
         ErrorBody,
         models::NewSandbox,
+        crate::network::NetworkUpdate,
         models::CreatedSandbox,
         models::SandboxDetail,
         models::SandboxLifecycle,
@@ -152,6 +154,10 @@ pub(crate) fn router(control_plane: ControlPlane) -> Router {
             post(sandboxes::connect_v2),
         )
         .route("/sandboxes/{sandbox_id}/pause", post(sandboxes::pause))
+        .route(
+            "/sandboxes/{sandbox_id}/network",
+            put(sandboxes::update_network),
+        )
         .route("/sandboxes/{sandbox_id}/resume", post(sandboxes::resume))
         .route("/sandboxes/{sandbox_id}/fork", post(sandboxes::fork))
         .route(
@@ -254,10 +260,6 @@ fn add_template_routes(router: Router<ControlPlane>) -> Router<ControlPlane> {
 fn add_unsupported_routes(router: Router<ControlPlane>) -> Router<ControlPlane> {
     router
         .route("/sandboxes/metrics", get(unsupported("sandbox metrics")))
-        .route(
-            "/sandboxes/{sandbox_id}/network",
-            put(unsupported("changing sandbox network rules")),
-        )
         .route(
             "/sandboxes/{sandbox_id}/logs",
             get(unsupported("sandbox logs")),

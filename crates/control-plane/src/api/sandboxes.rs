@@ -10,6 +10,7 @@ use hearth_types::SandboxId;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
+use crate::network::NetworkUpdate;
 use crate::models::{
     ConnectSandbox, CreatedSandbox, ListSandboxesQuery, ListSandboxesV2Query, ListSnapshotsQuery,
     ListedSandbox, NewSandbox, ResumedSandbox, SandboxDetail, SandboxForkRequest,
@@ -380,7 +381,7 @@ pub(crate) fn created_sandbox(cp: &ControlPlane, record: &SandboxRecord) -> Crea
         client_id: CLIENT_ID.to_owned(),
         envd_version: record.envd_version.clone(),
         envd_access_token: record.envd_access_token.clone(),
-        traffic_access_token: None,
+        traffic_access_token: record.traffic_access_token.clone(),
         domain: cp.config().domain.clone(),
     }
 }
@@ -620,4 +621,20 @@ pub(crate) async fn list_snapshots(
         );
     }
     Ok((headers, Json(page)))
+}
+
+#[utoipa::path(put, path = "/sandboxes/{sandboxID}/network", tag = "sandboxes",
+    params(("sandboxID" = String, Path, description = "Sandbox ID")),
+    request_body = NetworkUpdate,
+    responses((status = 204, description = "Rules replaced"), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 500, body = ErrorBody)))]
+pub(crate) async fn update_network(
+    State(cp): State<ControlPlane>,
+    Path(sandbox_id): Path<String>,
+    ApiJson(body): ApiJson<NetworkUpdate>,
+) -> Result<StatusCode, ApiError> {
+    let sandbox_id = parse_sandbox_id(&sandbox_id)?;
+    cp.update_network(&sandbox_id, body).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -49,6 +49,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "template builds",
         include_str!("../../migrations/0003_template_builds.sql"),
     ),
+    (
+        4,
+        "sandbox network",
+        include_str!("../../migrations/0004_sandbox_network.sql"),
+    ),
 ];
 
 /// Errors of the state store.

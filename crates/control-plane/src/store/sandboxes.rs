@@ -10,6 +10,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
 use super::{from_millis, from_millis_opt, to_millis, to_u32, Store, StoreError};
+use crate::network::NetworkSettings;
 
 /// Lifecycle state of a sandbox row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -65,6 +66,10 @@ pub struct NewSandboxRecord {
     pub envd_access_token: Option<String>,
     pub envd_version: String,
     pub allow_internet_access: Option<bool>,
+    /// Network settings as accepted from the SDK.
+    pub network: NetworkSettings,
+    /// Token the proxy requires on the sandbox's ports, when public traffic is off.
+    pub traffic_access_token: Option<String>,
     pub auto_pause: bool,
     pub vcpus: u32,
     pub memory_mib: u32,
@@ -85,6 +90,10 @@ pub struct SandboxRecord {
     pub envd_access_token: Option<String>,
     pub envd_version: String,
     pub allow_internet_access: Option<bool>,
+    /// Network settings as accepted from the SDK (or as last replaced).
+    pub network: NetworkSettings,
+    /// Token the proxy requires on the sandbox's ports, when public traffic is off.
+    pub traffic_access_token: Option<String>,
     pub auto_pause: bool,
     /// Whether traffic through the proxy resumes the sandbox while it is paused.
     pub auto_resume: bool,
@@ -112,7 +121,7 @@ pub struct SandboxListFilter {
 
 const SANDBOX_COLUMNS: &str = "SELECT sandbox_id, template_id, build_id, alias, metadata, env_var_names, \
      envd_access_token, envd_version, allow_internet_access, auto_pause, auto_resume, vcpus, memory_mib, \
-     disk_mb, state, started_at, end_at, killed_at FROM sandboxes";
+     disk_mb, state, started_at, end_at, killed_at, network, traffic_access_token FROM sandboxes";
 
 impl Store {
     /// Inserts a running sandbox.
@@ -120,12 +129,13 @@ impl Store {
         let metadata = serde_json::to_string(&record.metadata).expect("a string map serializes");
         let env_var_names =
             serde_json::to_string(&record.env_var_names).expect("a string list serializes");
+        let network = serde_json::to_string(&record.network).expect("network settings serialize");
 
         sqlx::query(
             "INSERT INTO sandboxes (sandbox_id, template_id, build_id, alias, metadata, env_var_names, \
              envd_access_token, envd_version, allow_internet_access, auto_pause, vcpus, memory_mib, \
-             disk_mb, state, started_at, end_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'running', $14, $15)",
+             disk_mb, state, started_at, end_at, network, traffic_access_token) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'running', $14, $15, $16, $17)",
         )
         .bind(record.sandbox_id.as_str())
         .bind(record.template_id.as_str())
@@ -142,6 +152,8 @@ impl Store {
         .bind(i64::from(record.disk_mb))
         .bind(to_millis(record.started_at))
         .bind(to_millis(record.end_at))
+        .bind(network)
+        .bind(record.traffic_access_token.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -314,6 +326,26 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces a live sandbox's network settings; returns false when no live sandbox has the ID.
+    pub async fn set_sandbox_network(
+        &self,
+        sandbox_id: &SandboxId,
+        allow_internet_access: Option<bool>,
+        network: &NetworkSettings,
+    ) -> Result<bool, StoreError> {
+        let network = serde_json::to_string(network).expect("network settings serialize");
+        let result = sqlx::query(
+            "UPDATE sandboxes SET allow_internet_access = $2, network = $3 \
+             WHERE sandbox_id = $1 AND state IN ('running', 'paused')",
+        )
+        .bind(sandbox_id.as_str())
+        .bind(allow_internet_access.map(i64::from))
+        .bind(network)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
     /// IDs of the sandboxes recorded as paused.
     pub async fn list_paused_sandbox_ids(&self) -> Result<Vec<SandboxId>, StoreError> {
         let rows = sqlx::query("SELECT sandbox_id FROM sandboxes WHERE state = 'paused' ORDER BY sandbox_id")
@@ -420,5 +452,13 @@ fn sandbox_from_row(row: &SqliteRow) -> Result<SandboxRecord, StoreError> {
         started_at: from_millis("started_at", row.try_get("started_at")?)?,
         end_at: from_millis("end_at", row.try_get("end_at")?)?,
         killed_at: from_millis_opt("killed_at", row.try_get("killed_at")?)?,
+        network: match row.try_get::<Option<String>, _>("network")? {
+            None => NetworkSettings::default(),
+            Some(text) => serde_json::from_str(&text).map_err(|_| StoreError::Corrupt {
+                column: "network",
+                value: text.clone(),
+            })?,
+        },
+        traffic_access_token: row.try_get("traffic_access_token")?,
     })
 }

@@ -2,6 +2,7 @@
 
 mod doctor;
 mod keys;
+mod metrics;
 mod serve;
 mod template;
 mod vmm;

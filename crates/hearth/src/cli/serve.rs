@@ -17,6 +17,9 @@ use super::template::{ensure_base_template, EnvdArgs};
 use hearth_node_agent::builder::{BuildSettings, NodeTemplateBuilder};
 use super::DataDirArgs;
 
+/// How often the node agent looks for sandboxes whose VMM exited on its own.
+const VMM_WATCHDOG_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Arguments of `hearth serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -55,6 +58,22 @@ pub struct ServeArgs {
     #[arg(long, env = "HEARTH_SLOT_POOL_SIZE", default_value_t = hearth_network::pool::DEFAULT_READY_TARGET)]
     slot_pool_size: usize,
 
+    /// IPv4 subnet for the slots' host-side addresses, a /30 per slot; by default a free
+    /// /20 of 10.200.0.0/13 that overlaps no host route.
+    #[arg(long, env = "HEARTH_SLOT_SUBNET")]
+    slot_subnet: Option<hearth_network::Ipv4Subnet>,
+
+    /// Resolver that answers every DNS query of every sandbox, whatever server the guest
+    /// names; by default the host's first IPv4 nameserver, else 8.8.8.8.
+    #[arg(long, env = "HEARTH_DNS_SERVER")]
+    dns_server: Option<std::net::Ipv4Addr>,
+
+    /// Seconds between sweeps that remove network slots, namespaces and VMM processes that
+    /// belong to no sandbox of this server (0 turns the periodic sweep off; start-up
+    /// always sweeps).
+    #[arg(long, env = "HEARTH_SWEEP_INTERVAL_SECS", default_value_t = 30)]
+    sweep_interval_secs: u64,
+
     /// Seconds a restored sandbox's envd gets to accept its first request before the create fails.
     #[arg(long, default_value_t = 30)]
     envd_ready_timeout_secs: u64,
@@ -84,6 +103,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let instance = InstanceId::from_data_dir(&data_root).context("failed to derive the instance ID")?;
     let mut pool_config = SlotPoolConfig::new(instance.clone());
     pool_config.ready_target = args.slot_pool_size;
+    pool_config.subnet = args.slot_subnet;
+    pool_config.dns_server = match args.dns_server {
+        Some(address) => hearth_network::dns::check_dns_server(address)?,
+        None => hearth_network::dns::host_dns_server(),
+    };
+    pool_config.sweep_interval = Duration::from_secs(args.sweep_interval_secs);
+    let pool_config_dns = pool_config.dns_server;
     let slots = SlotPool::start(pool_config).await.context("failed to start the network slot pool")?;
     tracing::info!(
         vmm = %driver.kind(),
@@ -93,6 +119,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         instance = %instance.as_str(),
         slot_subnet = %slots.subnet(),
         slot_pool_size = args.slot_pool_size,
+        dns_server = %pool_config_dns,
         "hearth serve starting"
     );
 
@@ -173,7 +200,12 @@ async fn serve_until_signal(
         .await
         .context("failed to prepare the base template")?;
 
+    let router = router.route(
+        "/metrics",
+        axum::routing::get(super::metrics::metrics).with_state(node.clone()),
+    );
     let reaper = control_plane.spawn_reaper();
+    let watchdog = node.spawn_watchdog(VMM_WATCHDOG_INTERVAL);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let routes = Arc::new(WakingRoutes { node: node.clone(), control_plane: control_plane.clone() });
@@ -190,6 +222,7 @@ async fn serve_until_signal(
         tracing::error!(error = %err, "control plane shutdown failed");
     }
     reaper.abort();
+    watchdog.abort();
     let _ = stop_tx.send(true);
     if let Ok(Err(err)) = api_task.await {
         tracing::error!(error = %err, "API server failed");
