@@ -6,8 +6,9 @@ command line is everything after `--`), and:
 
 1. counts host interfaces, network namespaces, nftables tables and VMM processes;
 2. creates a sandbox and kills its VMM with SIGKILL: the sandbox must disappear;
-3. kills the server with SIGKILL while a create is restoring a VM, and starts it again;
-   the start-up sweep must remove the orphaned VMM and its slot;
+3. kills the server with SIGKILL while a create is restoring a VM, and starts it again:
+   no VMM of the killed server may run afterwards, and the start-up sweep must remove
+   its slots;
 4. runs `--cycles` create/kill cycles (the test server's slot subnet holds far fewer);
 5. checks that egress and the proxy still work for the last sandbox;
 6. stops the server and compares every count with step 1.
@@ -31,7 +32,7 @@ import httpx
 from e2b import Sandbox
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from net_helpers import INET_IP, TestInternet, install_probe, probe, wait_for  # noqa: E402
+from net_helpers import INET_IP, InternetHost, install_probe, probe, wait_for  # noqa: E402
 from sdk_helpers import REQUEST_TIMEOUT, proxy_get_by_host  # noqa: E402
 
 VMM_NAMES = ("qemu-system-x86_64", "firecracker")
@@ -147,7 +148,7 @@ def main() -> int:
     print(f"baseline: {baseline}", flush=True)
     if baseline["VMM processes"]:
         raise SystemExit(f"VMM processes already run on this host: {vmm_pids()}")
-    internet = TestInternet()
+    internet = InternetHost()
     after_internet = counts()
     server = Server(command, args.log)
     try:
@@ -182,10 +183,12 @@ def main() -> int:
         check(bool(started), "a VMM started for the create", failures)
         server.kill()
         creator.join(timeout=REQUEST_TIMEOUT)
+        # The VMM gets SIGKILL when the server dies (PR_SET_PDEATHSIG); if one outlives it
+        # anyway, the start-up sweep kills it with its slot.
         orphans = set(vmm_pids()) - before
-        check(bool(orphans), f"the killed server left its VMM behind: {sorted(orphans)}", failures)
+        print(f"VMMs alive after the server was killed: {sorted(orphans)}", flush=True)
         server.start()
-        check(not set(vmm_pids()) & orphans, "the restarted server removed the orphaned VMM", failures)
+        check(not set(vmm_pids()) - before, "no VMM of the killed server runs after the restart", failures)
         server.wait_pool_settled()
         check(counts() == after_internet_plus(after_internet, ready_target), "no slot of the killed server is left", failures)
 

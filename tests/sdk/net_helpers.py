@@ -1,6 +1,6 @@
 """Test hosts for the network tests, in network namespaces the tests create.
 
-`TestInternet` is a namespace joined to the host by a veth pair. It stands in for the
+`InternetHost` is a namespace joined to the host by a veth pair. It stands in for the
 internet a sandbox may or may not reach: it holds two addresses (198.18.0.2 and
 198.18.0.3, from the benchmarking range 198.18.0.0/15) and runs
 
@@ -115,6 +115,17 @@ def tcp(ip, port, timeout=3):
     except Exception as err:
         return {"ok": False, "detail": repr(err)}
 
+def send(ip, port, text, timeout=3):
+    """Sends `text` first and succeeds when any reply comes back."""
+    try:
+        with socket.create_connection((ip, port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(text.encode())
+            data = conn.recv(100)
+        return {"ok": bool(data), "detail": data.decode(errors="replace") or "closed without a reply"}
+    except Exception as err:
+        return {"ok": False, "detail": repr(err)}
+
 def http(ip, host, port=80, timeout=3):
     try:
         with socket.create_connection((ip, port), timeout=timeout) as conn:
@@ -166,8 +177,12 @@ def dns_query(server, name, timeout=3):
     except Exception as err:
         return {"ok": False, "detail": repr(err)}
 
+# Probes run side by side, so a list of addresses that all drop costs one timeout.
+from concurrent.futures import ThreadPoolExecutor
 probes = json.loads(sys.argv[1])
-print(json.dumps([globals()[kind](*args) for kind, *args in probes]))
+with ThreadPoolExecutor(max_workers=min(64, len(probes))) as pool:
+    results = list(pool.map(lambda probe: globals()[probe[0]](*probe[1:]), probes))
+print(json.dumps(results))
 '''
 
 
@@ -178,7 +193,7 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-class TestInternet:
+class InternetHost:
     """The test's "internet" namespace and its services; `close()` removes all of it."""
 
     def __init__(self) -> None:
@@ -223,6 +238,25 @@ class TestInternet:
         line = self._services.stdout.readline() if self._services.stdout else ""
         if line.strip() != "ready":
             raise RuntimeError(f"test internet services did not start: {self._services.stderr.read()}")
+
+    def reachable(self, targets: List[List[Any]], timeout: float = 2) -> List[List[Any]]:
+        """The `[address, port]` pairs to which a TCP connection from the internet
+        namespace opens; all are tried at once."""
+        code = (
+            "import json, socket, sys\n"
+            "from concurrent.futures import ThreadPoolExecutor\n"
+            "def opens(target):\n"
+            "    try:\n"
+            f"        socket.create_connection(tuple(target), timeout={timeout}).close()\n"
+            "        return True\n"
+            "    except OSError:\n"
+            "        return False\n"
+            "targets = json.loads(sys.argv[1])\n"
+            "with ThreadPoolExecutor(max_workers=64) as pool:\n"
+            "    print(json.dumps(list(pool.map(opens, targets))))\n"
+        )
+        result = _run("ip", "netns", "exec", self.netns, sys.executable, "-c", code, json.dumps(targets))
+        return [target for target, ok in zip(targets, json.loads(result.stdout)) if ok]
 
     def close(self) -> None:
         if self._services is not None and self._services.poll() is None:

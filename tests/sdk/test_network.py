@@ -24,7 +24,7 @@ from net_helpers import (
     INET_IP,
     INET_IP_2,
     LINK_LOCAL_IP,
-    TestInternet,
+    InternetHost,
     host_ipv4_addresses,
     install_probe,
     probe,
@@ -53,8 +53,8 @@ open("/tmp/result", "w").write(outcome)
 
 
 @pytest.fixture(scope="module")
-def internet() -> Iterator[TestInternet]:
-    net = TestInternet()
+def internet() -> Iterator[InternetHost]:
+    net = InternetHost()
     yield net
     net.close()
 
@@ -105,9 +105,12 @@ def test_allow_out_cidr_overrides_deny_all(probed):
 
 def test_deny_out_cidr_blocks_only_that_range(probed):
     sbx = probed(network={"deny_out": [INET_IP_2]})
-    allowed, denied = probe(sbx, ["http", INET_IP, "a.test"], ["http", INET_IP_2, "a.test"])
+    allowed, denied, raw = probe(
+        sbx, ["http", INET_IP, "a.test"], ["http", INET_IP_2, "a.test"], ["send", INET_IP, 80, "ping\r\n\r\n"]
+    )
     assert allowed["ok"], allowed
     assert not denied["ok"], denied
+    assert raw["ok"] and "Error" in raw["detail"], raw
 
 
 def test_allow_out_domains_match_http_host_and_tls_sni(probed):
@@ -120,7 +123,9 @@ def test_allow_out_domains_match_http_host_and_tls_sni(probed):
         ["http", INET_IP, "allowed.test"],  # the apex is not covered by *.allowed.test
         ["http", INET_IP, "other.test"],
         ["tls", INET_IP, "evil.test"],
-        ["tcp", INET_IP, 22],  # no name to match: refused
+        # Neither TLS nor HTTP: no name to match, so refused. The same bytes get the
+        # HTTP server's 400 where nothing is in the way (see the deny-CIDR test).
+        ["send", INET_IP, 80, "ping\r\n\r\n"],
         # DNS to the default dnsServers entry (8.8.8.8) is allowed, and answered by Hearth's resolver.
         ["dns_query", "8.8.8.8", "api.allowed.test"],
         ["dns_query", "192.0.2.53", "api.allowed.test"],
@@ -235,6 +240,27 @@ def test_two_sandboxes_cannot_reach_each_other(probed):
     assert results.pop()["ok"]
     reached = [address for address, result in zip(addresses, results) if result["ok"]]
     assert reached == [], f"the second sandbox reached {reached}"
+
+
+def test_outside_hosts_cannot_open_connections_to_a_sandbox(probed, internet):
+    sbx = probed()
+    sbx.commands.run("python3 -m http.server 8000 --bind 0.0.0.0", background=True)
+    assert wait_for(lambda: proxy_get_by_host(sbx, 8000).status_code == 200, 30)
+    # The test's internet host routes through this host, so the host would forward its
+    # connections to any slot address if no rule stopped them.
+    targets = [[address, port] for address in slot_addresses() for port in (8000, 49983)]
+    # The check itself works: the internet host reaches a listener on the host.
+    listener = socket.socket()
+    listener.bind((INET_HOST_IP, 0))
+    listener.listen(16)
+    control = [INET_HOST_IP, listener.getsockname()[1]]
+    try:
+        reached = internet.reachable(targets + [control])
+    finally:
+        listener.close()
+    assert control in reached
+    reached.remove(control)
+    assert reached == [], f"the internet host reached sandbox ports: {reached}"
 
 
 def test_private_traffic_needs_the_traffic_token(new_sandbox):

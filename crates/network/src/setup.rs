@@ -50,9 +50,11 @@ const METADATA_ADDRESSES: &str = "100.100.100.200";
 
 /// Enables forwarding on the host and installs the instance's nftables table, replacing
 /// any earlier copy:
-/// - forward: slots cannot reach each other, link-local addresses (such as a cloud
-///   metadata service) or other metadata addresses through the host; the one exception
-///   is DNS to `dns_server` when it is link-local, as some clouds' resolvers are;
+/// - forward: nothing outside the host opens connections into a slot (the host's own
+///   connections to a guest are not forwarded, so they pass). Slots cannot reach each
+///   other, link-local addresses (such as a cloud metadata service) or other metadata
+///   addresses through the host. The one exception is DNS to `dns_server` when it is
+///   link-local, as some clouds' resolvers are;
 /// - input: slots cannot open connections to the host's own services;
 /// - postrouting: slot traffic leaving the host is masqueraded.
 pub(crate) fn install_host_rules(
@@ -73,6 +75,8 @@ pub(crate) fn install_host_rules(
            chain forward {{\n\
              type filter hook forward priority filter; policy accept;\n\
              iifname \"{veths}\" oifname \"{veths}\" drop\n\
+             oifname \"{veths}\" ct state established,related accept\n\
+             oifname \"{veths}\" drop\n\
              iifname \"{veths}\" ip daddr {dns_server} meta l4proto {{ tcp, udp }} th dport 53 accept\n\
              iifname \"{veths}\" ip daddr {{ 169.254.0.0/16, {METADATA_ADDRESSES} }} drop\n\
            }}\n\
