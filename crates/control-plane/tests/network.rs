@@ -187,3 +187,28 @@ async fn paused_sandbox_gets_new_rules_at_resume_and_forks_inherit_them() {
         .expect("a fork");
     assert_eq!(subnets(&fork[0].egress, "deny"), ["198.51.100.0/24"]);
 }
+
+#[tokio::test]
+async fn sandbox_whose_vm_exited_is_marked_killed() {
+    use hearth_control_plane::runtime::SandboxRuntime;
+
+    let h = harness().await;
+    let lost = h.create(json!({"templateID": "base"})).await;
+    let kept = h.create(json!({"templateID": "base"})).await;
+    // The node agent's watchdog removes a sandbox whose VMM died; the runtime then no
+    // longer lists it.
+    let lost_id = hearth_types::SandboxId::parse(&lost).unwrap();
+    h.runtime.stop(&lost_id).await.unwrap();
+
+    assert_eq!(h.control_plane.reap_lost().await.unwrap(), 1);
+    let reply = h.call(Method::GET, &format!("/sandboxes/{lost}"), None).await;
+    assert_error(&reply, StatusCode::NOT_FOUND);
+    assert!(
+        reply.text.contains("its VM exited unexpectedly"),
+        "{}",
+        reply.text
+    );
+    let reply = h.call(Method::GET, &format!("/sandboxes/{kept}"), None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(h.control_plane.reap_lost().await.unwrap(), 0);
+}
