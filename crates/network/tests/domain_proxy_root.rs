@@ -8,16 +8,19 @@
 //!   the client's TCP connections to the proxy port, and a link to the internet namespace;
 //! - `internet` runs echo servers on [`SERVER_IP`] ports 80 and 443.
 
-use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+// Shares the slot tests' namespace helpers; this file uses only some of them.
+#[allow(dead_code)]
+mod guest;
+
+use guest::{in_netns, ip};
 use hearth_network::domain_proxy::{DomainProxy, DOMAIN_PROXY_PORT};
 use hearth_network::sniff::DomainPattern;
 use hearth_types::guest::{GATEWAY_IP, GUEST_IP};
@@ -30,32 +33,6 @@ const PROXY_OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
 const HTTP: SocketAddrV4 = SocketAddrV4::new(SERVER_IP, 80);
 const TLS: SocketAddrV4 = SocketAddrV4::new(SERVER_IP, 443);
-
-/// Runs `ip` with `args`, panicking with its stderr on failure.
-fn ip(args: &[&str]) {
-    let output = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(
-        output.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// Runs `work` on a thread inside the network namespace `netns`.
-fn in_netns<T: Send + 'static>(netns: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{netns}");
-    std::thread::spawn(move || {
-        let file = File::open(&path).expect("namespace exists");
-        // SAFETY: `file` is an open namespace file descriptor for the duration of the call,
-        // and setns only changes the calling thread, which exits after `work`.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        work()
-    })
-    .join()
-    .expect("namespace thread panicked")
-}
 
 /// The three namespaces of one test; deleted when dropped, also when the test fails.
 struct Topology {
