@@ -9,7 +9,7 @@ command line is everything after `--`), and:
 3. kills the server with SIGKILL while a create is restoring a VM, and starts it again:
    no VMM of the killed server may run afterwards, and the start-up sweep must remove
    its slots;
-4. runs `--cycles` create/kill cycles (the test server's slot subnet holds far fewer);
+4. runs `--cycles` create/kill cycles (far more than the test server's slot subnet has slots);
 5. checks that egress and the proxy still work for the last sandbox;
 6. stops the server and compares every count with step 1.
 

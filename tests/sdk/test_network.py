@@ -71,7 +71,7 @@ def probed(new_sandbox, internet):
     return factory
 
 
-def test_default_sandbox_reaches_the_internet_and_dns_goes_to_hearths_resolver(probed):
+def test_default_egress_and_dns_resolver(probed):
     sbx = probed()
     http, by_name, other_server = probe(
         sbx,
@@ -87,7 +87,7 @@ def test_default_sandbox_reaches_the_internet_and_dns_goes_to_hearths_resolver(p
     assert other_server == {"ok": True, "detail": INET_IP}, other_server
 
 
-def test_no_internet_access_blocks_egress_but_not_the_sdk(probed):
+def test_no_internet_access_blocks_egress(probed):
     sbx = probed(allow_internet_access=False)
     http, dns = probe(sbx, ["http", INET_IP, "plain.test"], ["dns_query", "8.8.8.8", "a.test"])
     assert not http["ok"], http
@@ -113,7 +113,7 @@ def test_deny_out_cidr_blocks_only_that_range(probed):
     assert raw["ok"] and "Error" in raw["detail"], raw
 
 
-def test_allow_out_domains_match_http_host_and_tls_sni(probed):
+def test_allow_out_domains_match_host_and_sni(probed):
     sbx = probed(network={"allow_out": ["*.allowed.test", "exact.test"], "deny_out": ["0.0.0.0/0"]})
     results = probe(
         sbx,
@@ -220,7 +220,7 @@ def test_sandbox_cannot_reach_link_local_addresses(probed):
     # The host reaches the address (it is routed into the test namespace)...
     with httpx.Client(timeout=5) as client:
         assert client.get(f"http://{LINK_LOCAL_IP}/").text.startswith("inet-http")
-    # ...the sandbox does not, while the same service on an ordinary address answers it.
+    # ...the sandbox does not, while it reaches the same service at an ordinary address.
     sbx = probed()
     link_local, control = probe(sbx, ["http", LINK_LOCAL_IP, "meta.test"], ["http", INET_IP, "x.test"])
     assert not link_local["ok"], link_local
@@ -305,7 +305,7 @@ def test_server_on_loopback_is_reachable_through_the_proxy(new_sandbox):
     sbx = new_sandbox()
     sbx.commands.run("python3 -m http.server 8001 --bind 127.0.0.1", background=True)
     assert wait_for(lambda: proxy_get_by_host(sbx, 8001).status_code == 200, 30)
-    # A closed port still answers with the SDK's "port is not open" error.
+    # A closed port still gets the SDK's "port is not open" error.
     closed = proxy_get_by_host(sbx, 8002)
     assert closed.status_code == 502
     assert "port is not open" in closed.json()["message"]

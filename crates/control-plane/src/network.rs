@@ -42,7 +42,7 @@ impl NetworkSettings {
         .map_err(|err| ApiError::bad_request(err.to_string()))
     }
 
-    /// Whether the proxy requires the traffic access token for the sandbox's ports.
+    /// Returns whether the proxy requires the traffic access token for the sandbox's ports.
     pub fn requires_traffic_token(&self) -> bool {
         self.allow_public_traffic == Some(false)
     }

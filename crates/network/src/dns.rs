@@ -28,7 +28,7 @@ pub fn check_dns_server(address: Ipv4Addr) -> Result<Ipv4Addr, InvalidDnsServer>
     }
 }
 
-/// The host's first usable IPv4 nameserver, or [`FALLBACK_DNS_SERVER`].
+/// Returns the host's first usable IPv4 nameserver, or [`FALLBACK_DNS_SERVER`].
 pub fn host_dns_server() -> Ipv4Addr {
     RESOLV_CONF_FILES
         .iter()
@@ -44,7 +44,7 @@ fn usable(address: Ipv4Addr) -> bool {
         || address.is_multicast())
 }
 
-/// The first usable IPv4 `nameserver` line of a resolv.conf text.
+/// Parses the address of the first usable IPv4 `nameserver` line of a resolv.conf text.
 fn first_nameserver(text: &str) -> Option<Ipv4Addr> {
     text.lines()
         .filter_map(|line| {

@@ -44,7 +44,7 @@ pub struct InvalidEgress {
     pub field: &'static str,
     /// The entry as given.
     pub entry: String,
-    /// What is wrong with it.
+    /// Reason the entry is invalid.
     pub reason: String,
 }
 
