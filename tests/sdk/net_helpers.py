@@ -1,7 +1,7 @@
 """Test hosts for the network tests, in network namespaces the tests create.
 
-`InternetHost` is a namespace joined to the host by a veth pair. It stands in for the
-internet a sandbox may or may not reach: it holds two addresses (198.18.0.2 and
+`InternetHost` is a namespace joined to the host by a veth pair. It plays the internet
+that a sandbox may or may not reach. It has two addresses (198.18.0.2 and
 198.18.0.3, from the benchmarking range 198.18.0.0/15) and runs
 
 - an HTTP server on port 80 that answers `inet-http <Host header> <address>`,

@@ -154,10 +154,10 @@ fn configure_slot(plan: &SlotPlan) -> Result<Slot, CommandError> {
     );
     command::run("ip", &["-n", netns, "-batch", "-"], Some(&netns_batch))?;
 
-    // - prerouting: the host reaches every TCP port of the guest at `guest_route_ip`; every
-    //   DNS query of the guest, whatever server it names, goes to `dns_server`;
+    // - prerouting: the host reaches every TCP port of the guest at `guest_route_ip`. Every
+    //   DNS query of the guest, whatever server it names, goes to `dns_server`.
     // - forward: the guest sends only from its own address, so nothing it sends can pass
-    //   for another host's traffic;
+    //   for another host's traffic.
     // - postrouting: the guest's traffic leaves with the slot's address.
     let rules = format!(
         "table ip hearth_slot {{\n\

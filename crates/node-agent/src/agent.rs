@@ -342,7 +342,7 @@ impl NodeAgent {
             .await
             .map_err(|err| before_run(RuntimeError::Capacity(err.to_string())))?;
         let mut mark = timings.record("slot", started);
-        // The rules are in place before the guest runs, so it never sees a moment without them.
+        // The rules are loaded before the guest runs, so the guest never runs without them.
         let mut domain_proxy = None;
         if !spec.egress.is_open() {
             match apply_egress(&slot, &spec.egress, None, false).await {
