@@ -12,6 +12,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use guest::{fetch, ip, TestGuest};
+use hearth_network::egress::{self, EgressPolicy, EgressSettings};
 use hearth_network::sweep::{find_netns_processes, sweep_instance};
 use hearth_network::{InstanceId, PoolError, SlotPool, SlotPoolConfig};
 
@@ -711,4 +712,129 @@ async fn root_release_clears_conntrack_entries() {
     released.unwrap();
     assert_eq!(from_slot, 0, "entries from {address} left");
     assert_eq!(to_slot, 0, "entries to {address} left");
+}
+
+/// Applies `policy` to `slot` the way the node agent does.
+async fn apply_policy(slot: &hearth_network::Slot, policy: EgressPolicy, reset_connections: bool) {
+    let slot = slot.clone();
+    tokio::task::spawn_blocking(move || egress::apply(&slot, &policy, reset_connections))
+        .await
+        .unwrap()
+        .expect("egress rules load");
+}
+
+fn policy(allow: &[&str], deny: &[&str]) -> EgressPolicy {
+    let allow: Vec<String> = allow.iter().map(|s| (*s).to_owned()).collect();
+    let deny: Vec<String> = deny.iter().map(|s| (*s).to_owned()).collect();
+    EgressPolicy::from_settings(&EgressSettings {
+        allow_out: &allow,
+        deny_out: &deny,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_egress_policy_allows_and_denies() {
+    let test = TestPool::start(1).await;
+    let slot = test.pool.acquire().await.unwrap();
+    let guest = TestGuest::attach(&slot, &guest_netns_name(&test.pool, "a"));
+    let outside = OutsideHost::create(&test.pool);
+    let _listener = outside.listen(9000);
+    let target = SocketAddr::from((OutsideHost::IP, 9000));
+    assert!(guest.connect(target).is_ok(), "open policy");
+
+    apply_policy(&slot, policy(&[], &[&OutsideHost::IP.to_string()]), false).await;
+    let denied = guest.connect(target);
+    assert_eq!(
+        denied.as_ref().err().map(std::io::Error::kind),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "a denied address gets a reset: {denied:?}"
+    );
+
+    let allowed = format!("{}/32", OutsideHost::IP);
+    apply_policy(&slot, policy(&[&allowed], &["0.0.0.0/0"]), false).await;
+    assert!(guest.connect(target).is_ok(), "allowOut wins over denyOut");
+
+    apply_policy(&slot, EgressPolicy::default(), false).await;
+    assert!(guest.connect(target).is_ok(), "open policy again");
+
+    drop(outside);
+    drop(guest);
+    test.pool.release(slot).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_egress_update_cuts_open_connections() {
+    use std::io::{Read, Write};
+
+    let test = TestPool::start(1).await;
+    let slot = test.pool.acquire().await.unwrap();
+    let guest = TestGuest::attach(&slot, &guest_netns_name(&test.pool, "a"));
+    let outside = OutsideHost::create(&test.pool);
+    let listener = outside.listen(9000);
+    let mut stream = guest
+        .connect(SocketAddr::from((OutsideHost::IP, 9000)))
+        .unwrap();
+    let (mut server_side, _) = listener.accept().unwrap();
+    stream.write_all(b"before").unwrap();
+    let mut buffer = [0u8; 6];
+    server_side.read_exact(&mut buffer).unwrap();
+    assert_eq!(&buffer, b"before");
+
+    apply_policy(&slot, policy(&[], &["0.0.0.0/0"]), true).await;
+    // The next packet is judged by the new rules and gets a reset.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let _ = stream.write_all(b"after");
+    let mut reply = [0u8; 1];
+    let outcome = stream.read(&mut reply);
+    assert!(
+        matches!(&outcome, Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset),
+        "the open connection was not cut: {outcome:?}"
+    );
+
+    drop(outside);
+    drop(guest);
+    test.pool.release(slot).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn root_dns_goes_to_the_chosen_resolver() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let instance = InstanceId::from_data_dir(data_dir.path()).unwrap();
+    let mut config = SlotPoolConfig::new(instance);
+    config.ready_target = 1;
+    config.sweep_interval = Duration::ZERO;
+    config.dns_server = OutsideHost::IP;
+    let test = TestPool {
+        pool: SlotPool::start(config).await.unwrap(),
+        _data_dir: data_dir,
+    };
+    let slot = test.pool.acquire().await.unwrap();
+    let guest = TestGuest::attach(&slot, &guest_netns_name(&test.pool, "a"));
+    let outside = OutsideHost::create(&test.pool);
+    let resolver = guest::in_netns(&outside.netns, || {
+        let socket = std::net::UdpSocket::bind((OutsideHost::IP, 53)).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        socket
+    });
+
+    // The guest asks a server that does not exist; the query reaches the resolver.
+    guest::in_netns(&guest.netns, || {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
+        socket.send_to(b"query", ("192.0.2.53", 53)).unwrap();
+    });
+    let mut buffer = [0u8; 16];
+    let (length, _) = resolver
+        .recv_from(&mut buffer)
+        .expect("the resolver got the query");
+    assert_eq!(&buffer[..length], b"query");
+
+    drop(outside);
+    drop(guest);
+    test.pool.release(slot).await.unwrap();
 }
