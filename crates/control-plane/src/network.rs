@@ -23,16 +23,27 @@ pub struct NetworkSettings {
     #[serde(rename = "denyOut", default, skip_serializing_if = "Vec::is_empty")]
     pub deny_out: Vec<String>,
     /// `dnsServers`; `None` means the SDK's default (8.8.8.8).
-    #[serde(rename = "dnsServers", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "dnsServers",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub dns_servers: Option<Vec<String>>,
     /// `allowPublicTraffic`; `false` makes the proxy require the traffic access token.
-    #[serde(rename = "allowPublicTraffic", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "allowPublicTraffic",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub allow_public_traffic: Option<bool>,
 }
 
 impl NetworkSettings {
     /// Builds the egress policy these settings and `allow_internet_access` describe.
-    pub fn egress_policy(&self, allow_internet_access: Option<bool>) -> Result<EgressPolicy, ApiError> {
+    pub fn egress_policy(
+        &self,
+        allow_internet_access: Option<bool>,
+    ) -> Result<EgressPolicy, ApiError> {
         EgressPolicy::from_settings(&EgressSettings {
             allow_internet_access,
             allow_out: &self.allow_out,
@@ -103,7 +114,11 @@ pub(crate) fn parse_create_network(network: Option<&Value>) -> Result<NetworkSet
 
 /// Reads a JSON list of strings; null reads as `None`.
 fn string_list(field: &str, value: &Value) -> Result<Option<Vec<String>>, ApiError> {
-    let invalid = || ApiError::bad_request(format!("invalid network.{field}: expected a list of strings"));
+    let invalid = || {
+        ApiError::bad_request(format!(
+            "invalid network.{field}: expected a list of strings"
+        ))
+    };
     match value {
         Value::Null => Ok(None),
         Value::Array(items) => items
@@ -159,12 +174,16 @@ impl ControlPlane {
         if record.state == SandboxState::Running {
             match self.runtime().update_network(sandbox_id, policy).await {
                 Ok(()) => {}
-                Err(RuntimeError::NotFound(_)) => return Err(crate::sandboxes::sandbox_not_found(sandbox_id)),
+                Err(RuntimeError::NotFound(_)) => {
+                    return Err(crate::sandboxes::sandbox_not_found(sandbox_id))
+                }
                 Err(err) => {
                     tracing::error!(sandbox_id = %sandbox_id, error = %err, "network update failed");
                     return Err(ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("failed to update the network rules of sandbox {sandbox_id}: {err}"),
+                        format!(
+                            "failed to update the network rules of sandbox {sandbox_id}: {err}"
+                        ),
                     ));
                 }
             }
@@ -200,13 +219,19 @@ mod tests {
         let settings = parse_create_network(Some(&value)).unwrap();
         assert_eq!(settings.allow_out, ["example.com", "10.0.0.0/8"]);
         assert_eq!(settings.deny_out, ["0.0.0.0/0"]);
-        assert_eq!(settings.dns_servers.as_deref(), Some(&["198.18.0.2".to_owned()][..]));
+        assert_eq!(
+            settings.dns_servers.as_deref(),
+            Some(&["198.18.0.2".to_owned()][..])
+        );
         assert!(settings.requires_traffic_token());
         let policy = settings.egress_policy(None).unwrap();
         assert_eq!(policy.allow_domains.len(), 1);
 
         let stored = serde_json::to_string(&settings).unwrap();
-        assert_eq!(serde_json::from_str::<NetworkSettings>(&stored).unwrap(), settings);
+        assert_eq!(
+            serde_json::from_str::<NetworkSettings>(&stored).unwrap(),
+            settings
+        );
     }
 
     #[test]
@@ -216,12 +241,22 @@ mod tests {
             (json!({"allowOut": "example.com"}), "list of strings"),
             (json!({"allowOut": [1]}), "list of strings"),
             (json!({"allowPublicTraffic": "no"}), "true or false"),
-            (json!({"maskRequestHost": "x.example.com"}), "does not support"),
-            (json!({"egressProxy": {"address": "127.0.0.1:1080"}}), "does not support"),
+            (
+                json!({"maskRequestHost": "x.example.com"}),
+                "does not support",
+            ),
+            (
+                json!({"egressProxy": {"address": "127.0.0.1:1080"}}),
+                "does not support",
+            ),
             (json!({"bogus": true}), "does not support"),
         ] {
             let error = parse_create_network(Some(&value)).unwrap_err();
-            assert!(error.message().contains(phrase), "{value}: {}", error.message());
+            assert!(
+                error.message().contains(phrase),
+                "{value}: {}",
+                error.message()
+            );
         }
         let settings = parse_create_network(Some(&json!({"denyOut": ["example.com"]}))).unwrap();
         let error = settings.egress_policy(None).unwrap_err();

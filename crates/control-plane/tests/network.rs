@@ -10,7 +10,11 @@ use hearth_network::egress::EgressPolicy;
 use serde_json::json;
 
 fn subnets(policy: &EgressPolicy, list: &str) -> Vec<String> {
-    let subnets = if list == "allow" { &policy.allow } else { &policy.deny };
+    let subnets = if list == "allow" {
+        &policy.allow
+    } else {
+        &policy.deny
+    };
     subnets.iter().map(ToString::to_string).collect()
 }
 
@@ -33,21 +37,34 @@ async fn create_passes_the_egress_policy_and_issues_a_traffic_token() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
-    let token = reply.body["trafficAccessToken"].as_str().expect("a traffic token");
+    let token = reply.body["trafficAccessToken"]
+        .as_str()
+        .expect("a traffic token");
     assert_eq!(token.len(), 64);
 
     let spec = &h.runtime.started()[0];
     assert_eq!(spec.traffic_access_token.as_deref(), Some(token));
-    assert_eq!(subnets(&spec.egress, "allow"), ["192.0.2.7/32", "198.18.0.2/32"]);
+    assert_eq!(
+        subnets(&spec.egress, "allow"),
+        ["192.0.2.7/32", "198.18.0.2/32"]
+    );
     assert_eq!(subnets(&spec.egress, "deny"), ["0.0.0.0/0"]);
     assert_eq!(spec.egress.allow_domains.len(), 2);
 
     // Connect returns the same token.
     let id = reply.body["sandboxID"].as_str().unwrap();
     let connected = h
-        .call(Method::POST, &format!("/sandboxes/{id}/connect"), Some(json!({"timeout": 60})))
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/connect"),
+            Some(json!({"timeout": 60})),
+        )
         .await;
-    assert_eq!(connected.body["trafficAccessToken"], token, "{}", connected.text);
+    assert_eq!(
+        connected.body["trafficAccessToken"], token,
+        "{}",
+        connected.text
+    );
 }
 
 #[tokio::test]
@@ -99,13 +116,22 @@ async fn update_replaces_the_rules_of_a_running_sandbox() {
 
     // An empty body opens everything again.
     let reply = h
-        .call(Method::PUT, &format!("/sandboxes/{id}/network"), Some(json!({})))
+        .call(
+            Method::PUT,
+            &format!("/sandboxes/{id}/network"),
+            Some(json!({})),
+        )
         .await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text);
-    let last = h.runtime.calls().into_iter().rev().find_map(|call| match call {
-        RuntimeCall::UpdateNetwork(_, policy) => Some(policy),
-        _ => None,
-    });
+    let last = h
+        .runtime
+        .calls()
+        .into_iter()
+        .rev()
+        .find_map(|call| match call {
+            RuntimeCall::UpdateNetwork(_, policy) => Some(policy),
+            _ => None,
+        });
     assert!(last.expect("a second update").is_open());
 }
 
@@ -122,9 +148,18 @@ async fn update_rejects_bad_input_and_unknown_sandboxes() {
         json!({"allowPublicTraffic": false}),
     ] {
         let reply = h
-            .call(Method::PUT, &format!("/sandboxes/{id}/network"), Some(body.clone()))
+            .call(
+                Method::PUT,
+                &format!("/sandboxes/{id}/network"),
+                Some(body.clone()),
+            )
             .await;
-        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{body}: {}", reply.text);
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.text
+        );
         assert_error(&reply, StatusCode::BAD_REQUEST);
     }
     assert!(!h
@@ -146,8 +181,12 @@ async fn update_rejects_bad_input_and_unknown_sandboxes() {
 #[tokio::test]
 async fn paused_sandbox_gets_new_rules_at_resume_and_forks_inherit_them() {
     let h = harness().await;
-    let id = h.create(json!({"templateID": "base", "autoPause": true})).await;
-    let paused = h.call(Method::POST, &format!("/sandboxes/{id}/pause"), None).await;
+    let id = h
+        .create(json!({"templateID": "base", "autoPause": true}))
+        .await;
+    let paused = h
+        .call(Method::POST, &format!("/sandboxes/{id}/pause"), None)
+        .await;
     assert_eq!(paused.status, StatusCode::NO_CONTENT, "{}", paused.text);
     let reply = h
         .call(
@@ -158,7 +197,11 @@ async fn paused_sandbox_gets_new_rules_at_resume_and_forks_inherit_them() {
         .await;
     assert_eq!(reply.status, StatusCode::NO_CONTENT, "{}", reply.text);
     let resumed = h
-        .call(Method::POST, &format!("/sandboxes/{id}/resume"), Some(json!({"timeout": 60})))
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/resume"),
+            Some(json!({"timeout": 60})),
+        )
         .await;
     assert_eq!(resumed.status, StatusCode::CREATED, "{}", resumed.text);
     let spec = h
@@ -173,7 +216,11 @@ async fn paused_sandbox_gets_new_rules_at_resume_and_forks_inherit_them() {
     assert_eq!(subnets(&spec.egress, "deny"), ["198.51.100.0/24"]);
 
     let forked = h
-        .call(Method::POST, &format!("/sandboxes/{id}/fork"), Some(json!({"count": 1})))
+        .call(
+            Method::POST,
+            &format!("/sandboxes/{id}/fork"),
+            Some(json!({"count": 1})),
+        )
         .await;
     assert!(forked.status.is_success(), "{}", forked.text);
     let fork = h
@@ -201,14 +248,18 @@ async fn sandbox_whose_vm_exited_is_marked_killed() {
     h.runtime.stop(&lost_id).await.unwrap();
 
     assert_eq!(h.control_plane.reap_lost().await.unwrap(), 1);
-    let reply = h.call(Method::GET, &format!("/sandboxes/{lost}"), None).await;
+    let reply = h
+        .call(Method::GET, &format!("/sandboxes/{lost}"), None)
+        .await;
     assert_error(&reply, StatusCode::NOT_FOUND);
     assert!(
         reply.text.contains("its VM exited unexpectedly"),
         "{}",
         reply.text
     );
-    let reply = h.call(Method::GET, &format!("/sandboxes/{kept}"), None).await;
+    let reply = h
+        .call(Method::GET, &format!("/sandboxes/{kept}"), None)
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(h.control_plane.reap_lost().await.unwrap(), 0);
 }

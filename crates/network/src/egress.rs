@@ -23,8 +23,8 @@ use hearth_types::guest::{GATEWAY_IP, GUEST_IP, TAP_NAME};
 
 use crate::command::{self, CommandError};
 use crate::domain_proxy::DOMAIN_PROXY_PORT;
-use crate::sniff::DomainPattern;
 use crate::slot::Slot;
+use crate::sniff::DomainPattern;
 use crate::subnet::Ipv4Subnet;
 
 /// Name of the egress table inside each slot's namespace.
@@ -83,11 +83,13 @@ impl EgressPolicy {
             match parse_address(entry) {
                 Some(subnet) => policy.allow.push(subnet?),
                 None => {
-                    let pattern = entry.parse::<DomainPattern>().map_err(|err| InvalidEgress {
-                        field: "allowOut",
-                        entry: entry.clone(),
-                        reason: err.to_string(),
-                    })?;
+                    let pattern = entry
+                        .parse::<DomainPattern>()
+                        .map_err(|err| InvalidEgress {
+                            field: "allowOut",
+                            entry: entry.clone(),
+                            reason: err.to_string(),
+                        })?;
                     policy.allow_domains.push(pattern);
                 }
             }
@@ -207,14 +209,22 @@ fn parse_address(entry: &str) -> Option<Result<Ipv4Subnet, InvalidEgress>> {
             "IPv6 destinations are not supported: sandboxes have IPv4 only".into(),
         )));
     }
-    Some(entry.parse::<Ipv4Subnet>().map_err(|err| invalid(err.to_string())))
+    Some(
+        entry
+            .parse::<Ipv4Subnet>()
+            .map_err(|err| invalid(err.to_string())),
+    )
 }
 
 /// Replaces the egress rules of the guest in `slot` with `policy`. When
 /// `reset_connections` is set, the guest's open connections are dropped from the
 /// namespace's connection tracking, so each is judged again by the new rules at its next
 /// packet. Blocking: call it from a thread that may block.
-pub fn apply(slot: &Slot, policy: &EgressPolicy, reset_connections: bool) -> Result<(), CommandError> {
+pub fn apply(
+    slot: &Slot,
+    policy: &EgressPolicy,
+    reset_connections: bool,
+) -> Result<(), CommandError> {
     let script = policy.nft_script();
     command::in_netns(&slot.netns, move || {
         command::run("nft", &["-f", "-"], Some(&script))?;

@@ -24,8 +24,16 @@ pub async fn metrics(State(node): State<Arc<NodeAgent>>) -> impl IntoResponse {
         let _ = writeln!(text, "# TYPE {name} gauge");
         let _ = writeln!(text, "{name} {value}");
     };
-    gauge("hearth_sandboxes_running", "Sandboxes running on this node.", running as u64);
-    gauge("hearth_sandboxes_paused", "Paused sandboxes kept on this node.", paused as u64);
+    gauge(
+        "hearth_sandboxes_running",
+        "Sandboxes running on this node.",
+        running as u64,
+    );
+    gauge(
+        "hearth_sandboxes_paused",
+        "Paused sandboxes kept on this node.",
+        paused as u64,
+    );
     gauge(
         "hearth_slot_pool_ready",
         "Network slots prepared and waiting in the pool.",
