@@ -16,14 +16,26 @@ packages=(
     nftables iproute2 conntrack curl ca-certificates python3-venv build-essential pkg-config unzip
     docker-registry bash-static
 )
-missing=()
-for package in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
-done
-if ((${#missing[@]})); then
+missing_packages() {
+    local package
+    for package in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || echo "$package"
+    done
+}
+# Two passes: installing one package can remove another that conflicts with it (Debian's
+# qemu-system-x86 removes a qemu-utils from backports), and the second pass puts it back
+# in a matching version.
+for _ in 1 2; do
+    mapfile -t missing < <(missing_packages)
+    ((${#missing[@]})) || break
     echo "installing Debian packages: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+done
+mapfile -t missing < <(missing_packages)
+if ((${#missing[@]})); then
+    echo "error: Debian packages still missing after installing: ${missing[*]}" >&2
+    exit 1
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -1,5 +1,5 @@
 //! The HTTP router: Connect services, `/files`, `/health`, `/envs`, `/metrics`, `/init`,
-//! and the access-token check in front of them.
+//! Hearth's `/hearth/port-forward/{port}`, and the access-token check in front of them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,14 +13,20 @@ use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
 use crate::files::{self, signature_is_valid, FilesQuery};
+use crate::port_forward::PortForwarding;
 use crate::state::AppState;
 
 /// Header that carries the access token set by `/init`.
 const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 
 /// Builds the whole router. `set_clock` allows `/init` to set the system clock, which
-/// only the guest may do.
-pub fn router(state: Arc<AppState>, set_clock: bool) -> Router {
+/// only the guest may do. `port_forwarding` serves the proxy's forward requests, and is
+/// `None` when forwarding is off.
+pub fn router(
+    state: Arc<AppState>,
+    set_clock: bool,
+    port_forwarding: Option<Arc<PortForwarding>>,
+) -> Router {
     Router::new()
         .merge(crate::process::service::router())
         .merge(crate::filesystem::router())
@@ -42,9 +48,11 @@ pub fn router(state: Arc<AppState>, set_clock: bool) -> Router {
             ),
         )
         .layer(middleware::from_fn_with_state(state.clone(), check_access_token))
-        // `/health` is added after the layer, so it responds without a token.
+        // `/health` and the port forward route are added after the layer, so they respond
+        // without a token. The proxy, which requests forwards, does not have envd's token.
         .route("/health", get(health))
         .with_state(state)
+        .merge(crate::port_forward::router(port_forwarding))
 }
 
 fn unauthorized(message: &str) -> Response {

@@ -145,13 +145,13 @@ fn serve(options: Options, is_guest: bool) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let state = state::AppState::new(options.default_user.clone());
-        let app = api::router(state, is_guest);
+        let port_forwarding = port_forward::PortForwarding::from_environment(is_guest, options.port);
+        let app = api::router(state, is_guest, port_forwarding);
         let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, options.port));
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .map_err(|err| anyhow::anyhow!("failed to listen on {address}: {err}"))?;
         tracing::info!(%address, version = hearth_types::ENVD_VERSION, default_user = %options.default_user, "envd listening");
-        port_forward::spawn(is_guest, options.port);
         axum::serve(listener, app).await?;
         Ok(())
     })

@@ -2,32 +2,48 @@
 //!
 //! The edge proxy on the host reaches a sandbox port by connecting to the guest address
 //! (`hearth_types::guest::GUEST_IP`), so a server that listens only on 127.0.0.1 or ::1
-//! refuses it. E2B users expect such a server to be reachable, so envd bridges it:
+//! refuses it. E2B users expect such a server to be reachable, so envd bridges it on demand:
 //!
-//! 1. Every 200 ms a task reads the kernel's TCP tables (`/proc/net/tcp` and
-//!    `/proc/net/tcp6`) and keeps the sockets in state LISTEN.
-//! 2. A port is forwarded when it has a listener on 127.0.0.1 or ::1 and no listener that
-//!    accepts connections to the guest address (0.0.0.0, :: or the guest address itself).
-//!    envd's own forwarding listeners are recognised by their socket inode and never count.
+//! 1. When the proxy's connection to a port is refused, the proxy sends
+//!    `POST /hearth/port-forward/{port}` to envd.
+//! 2. envd reads the kernel's TCP tables (`/proc/net/tcp` and `/proc/net/tcp6`) once and
+//!    keeps the sockets in state LISTEN. The port is forwarded when it has a listener on
+//!    127.0.0.1 or ::1 and no listener that accepts connections to the guest address
+//!    (0.0.0.0, :: or the guest address itself). envd's own forwarding listeners are
+//!    recognised by their socket inode and never count.
 //! 3. For such a port envd listens on guest-address:port and relays each connection to the
 //!    loopback server, 127.0.0.1 if it listens there and ::1 otherwise.
-//! 4. When the loopback listener is gone, envd closes its forwarding listener at the next
-//!    scan. Connections already relayed stay open until either side closes them.
+//! 4. While at least one forward is open, a task reads the tables every second and closes
+//!    the forwards whose loopback listener is gone. It ends with the last forward, so an
+//!    idle guest without forwards does no periodic work. Connections already relayed stay
+//!    open until either side closes them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Interval between two scans of the TCP tables.
-pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
+/// Interval between two checks of the open forwards.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Environment variable that sets the IPv4 address to forward on, instead of the guest address.
 /// Setting it also turns forwarding on when envd does not run as PID 1 (tests, development).
 pub const ADDRESS_ENV: &str = "HEARTH_ENVD_FORWARD_ADDR";
+
+/// Route through which the proxy requests a forward. It needs no envd access token, because
+/// it only makes a loopback server of this guest reachable at the guest's own address, and
+/// the proxy guards that address with the sandbox's traffic access token.
+pub const ROUTE: &str = "/hearth/port-forward/{port}";
 
 /// Socket state LISTEN in the `st` column of `/proc/net/tcp` (`TCP_LISTEN` in the kernel).
 pub const TCP_LISTEN: u8 = 0x0A;
@@ -35,8 +51,11 @@ pub const TCP_LISTEN: u8 = 0x0A;
 /// Delay after a failed `accept`, so that running out of file descriptors does not spin.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
-/// Tables read at each scan. The second is missing when the kernel has no IPv6.
-const TCP_TABLES: [&str; 2] = ["/proc/net/tcp", "/proc/net/tcp6"];
+/// Table of IPv4 sockets, which every kernel has.
+const TCP_TABLE: &str = "/proc/net/tcp";
+
+/// Table of IPv6 sockets, missing when the kernel has no IPv6.
+const TCP6_TABLE: &str = "/proc/net/tcp6";
 
 /// One socket row of `/proc/net/tcp` or `/proc/net/tcp6`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,26 +131,39 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 }
 
 /// Listeners seen on one port.
-#[derive(Debug, Default)]
-struct PortListeners {
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PortListeners {
     ipv4_loopback: bool,
     ipv6_loopback: bool,
     /// A listener on 0.0.0.0, :: or the forward address, which already serves the proxy.
     reaches_forward_address: bool,
 }
 
-/// Computes the ports to forward and, for each, the loopback address to relay to.
-///
-/// Only LISTEN rows count. Rows whose inode is in `own_inodes` (envd's forwarding listeners)
-/// are ignored, and ports in `excluded_ports` are never forwarded. A `::` listener counts as
-/// reaching the forward address although it may have `IPV6_V6ONLY` set, because the TCP
-/// tables do not show that option.
-pub fn plan_forwards(
+impl PortListeners {
+    /// Returns the loopback address to relay `port` to, or `None` when the port needs no
+    /// forward: it has no loopback listener, or a listener already reaches the forward address.
+    fn forward_target(&self, port: u16) -> Option<SocketAddr> {
+        if self.reaches_forward_address {
+            return None;
+        }
+        if self.ipv4_loopback {
+            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port))
+        } else if self.ipv6_loopback {
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port))
+        } else {
+            None
+        }
+    }
+}
+
+/// Groups the LISTEN rows by port. Rows whose inode is in `own_inodes` (envd's forwarding
+/// listeners) are ignored. A `::` listener counts as reaching the forward address although
+/// it may have `IPV6_V6ONLY` set, because the TCP tables do not show that option.
+pub fn listeners_by_port(
     entries: &[SocketEntry],
     forward_address: Ipv4Addr,
     own_inodes: &HashSet<u64>,
-    excluded_ports: &[u16],
-) -> BTreeMap<u16, SocketAddr> {
+) -> BTreeMap<u16, PortListeners> {
     let mut ports: BTreeMap<u16, PortListeners> = BTreeMap::new();
     for entry in entries {
         if entry.state != TCP_LISTEN || own_inodes.contains(&entry.inode) {
@@ -147,191 +179,321 @@ pub fn plan_forwards(
             _ => {}
         }
     }
-
-    let mut plan = BTreeMap::new();
-    for (port, listeners) in ports {
-        if listeners.reaches_forward_address || excluded_ports.contains(&port) {
-            continue;
-        }
-        let target = if listeners.ipv4_loopback {
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        } else if listeners.ipv6_loopback {
-            IpAddr::V6(Ipv6Addr::LOCALHOST)
-        } else {
-            continue;
-        };
-        plan.insert(port, SocketAddr::new(target, port));
-    }
-    plan
+    ports
 }
 
-/// Starts the forwarder on the current Tokio runtime, unless it is off.
+/// Computes the ports to forward and, for each, the loopback address to relay to.
 ///
-/// Forwarding is on when envd runs as the guest's PID 1 (`is_guest`) or when `ADDRESS_ENV`
-/// is set. Without either, envd runs on a host, whose loopback servers must stay private.
-/// `envd_port` is never forwarded, and neither is the E2B envd port.
-pub fn spawn(is_guest: bool, envd_port: u16) {
-    let forward_address = match std::env::var(ADDRESS_ENV) {
-        Ok(value) => match value.parse::<Ipv4Addr>() {
-            Ok(address) => address,
-            Err(_) => {
-                tracing::error!(variable = ADDRESS_ENV, %value, "invalid IPv4 address, so port forwarding is off until the variable is unset or set to an address such as 169.254.0.21");
-                return;
+/// A port is forwarded when it has a loopback listener and no listener that reaches the
+/// forward address (see [`listeners_by_port`]). Ports in `excluded_ports` never are.
+pub fn plan_forwards(
+    entries: &[SocketEntry],
+    forward_address: Ipv4Addr,
+    own_inodes: &HashSet<u64>,
+    excluded_ports: &[u16],
+) -> BTreeMap<u16, SocketAddr> {
+    listeners_by_port(entries, forward_address, own_inodes)
+        .into_iter()
+        .filter(|(port, _)| !excluded_ports.contains(port))
+        .filter_map(|(port, listeners)| Some((port, listeners.forward_target(port)?)))
+        .collect()
+}
+
+/// Reads the LISTEN rows of both TCP tables. A missing IPv6 table counts as empty.
+///
+/// The reads are synchronous because the kernel generates the tables in memory, and callers
+/// hold the forwarder's lock across them, so that no forward opens or closes between the
+/// read and the decision based on it.
+fn read_listeners() -> std::io::Result<Vec<SocketEntry>> {
+    let mut entries = Vec::new();
+    for path in [TCP_TABLE, TCP6_TABLE] {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == ErrorKind::NotFound && path == TCP6_TABLE => continue,
+            Err(err) => {
+                return Err(std::io::Error::new(
+                    err.kind(),
+                    format!("failed to read {path}: {err}"),
+                ))
             }
-        },
-        Err(_) if is_guest => hearth_types::guest::GUEST_IP,
-        Err(_) => return,
-    };
-    let excluded_ports = vec![hearth_types::guest::ENVD_PORT, envd_port];
-    tracing::info!(%forward_address, "port forwarding of loopback servers started");
-    tokio::spawn(Forwarder::new(forward_address, excluded_ports).run());
+        };
+        let listeners = text.lines().filter_map(parse_socket_line);
+        entries.extend(listeners.filter(|entry| entry.state == TCP_LISTEN));
+    }
+    Ok(entries)
+}
+
+/// Forwarding of loopback servers on one address, shared by the route and the check task.
+pub struct PortForwarding {
+    forward_address: Ipv4Addr,
+    excluded_ports: Vec<u16>,
+    state: Mutex<ForwardState>,
+}
+
+#[derive(Default)]
+struct ForwardState {
+    forwards: HashMap<u16, Forward>,
+    /// Whether the task that closes stale forwards runs. It runs exactly while `forwards`
+    /// is not empty, and both change only under the lock.
+    check_running: bool,
 }
 
 /// A forwarding listener on the forward address and its accept task.
 struct Forward {
-    target: SocketAddr,
+    /// Loopback server that new connections are relayed to.
+    target: watch::Sender<SocketAddr>,
     inode: u64,
     accept_task: JoinHandle<()>,
 }
 
-/// State of the scan loop.
-struct Forwarder {
-    forward_address: Ipv4Addr,
-    excluded_ports: Vec<u16>,
-    forwards: HashMap<u16, Forward>,
-    /// Ports whose failed bind was logged, so each failure is logged once until it clears.
-    bind_failures_logged: HashSet<u16>,
-    address_missing_logged: bool,
-    read_failure_logged: bool,
+/// Result of a forward request for a port that a server listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardOutcome {
+    /// A listener on 0.0.0.0, :: or the forward address already accepts the connections.
+    AlreadyReachable,
+    /// envd forwards the port to the loopback listener (opened now or before).
+    Forwarded,
 }
 
-impl Forwarder {
-    fn new(forward_address: Ipv4Addr, excluded_ports: Vec<u16>) -> Self {
-        Self {
-            forward_address,
-            excluded_ports,
-            forwards: HashMap::new(),
-            bind_failures_logged: HashSet::new(),
-            address_missing_logged: false,
-            read_failure_logged: false,
+/// Why a port is not forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("invalid port {0:?}: expected a TCP port number from 1 to 65535")]
+    InvalidPort(String),
+
+    #[error("port {0} is envd's own port and is never forwarded")]
+    ExcludedPort(u16),
+
+    #[error("port forwarding of loopback servers is off: envd is not the guest's PID 1 and {ADDRESS_ENV} is not set")]
+    Disabled,
+
+    #[error("nothing listens on port {0}")]
+    NothingListens(u16),
+
+    #[error(transparent)]
+    ReadTable(std::io::Error),
+
+    #[error("failed to listen on {address} to forward port {}: {source}", address.port())]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl ForwardError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ForwardError::InvalidPort(_) | ForwardError::ExcludedPort(_) => StatusCode::BAD_REQUEST,
+            ForwardError::Disabled | ForwardError::NothingListens(_) => StatusCode::NOT_FOUND,
+            ForwardError::Bind { source, .. }
+                if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) =>
+            {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ForwardError::ReadTable(_) | ForwardError::Bind { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
+}
 
-    async fn run(mut self) {
-        let mut interval = tokio::time::interval(SCAN_INTERVAL);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            interval.tick().await;
-            let entries = self.read_listeners().await;
-            self.apply(&entries);
-        }
+impl IntoResponse for ForwardError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = serde_json::json!({ "code": status.as_u16(), "message": self.to_string() });
+        (status, Json(body)).into_response()
     }
+}
 
-    /// Reads the LISTEN rows of both TCP tables.
-    async fn read_listeners(&mut self) -> Vec<SocketEntry> {
-        let mut entries = Vec::new();
-        for path in TCP_TABLES {
-            let text = match tokio::fs::read_to_string(path).await {
-                Ok(text) => text,
-                Err(err) if err.kind() == ErrorKind::NotFound => continue,
-                Err(err) => {
-                    if !self.read_failure_logged {
-                        tracing::warn!(path, %err, "failed to read the TCP table, retrying at every scan");
-                        self.read_failure_logged = true;
-                    }
-                    continue;
+impl PortForwarding {
+    /// Returns the forwarder, or `None` when forwarding is off.
+    ///
+    /// Forwarding is on when envd runs as the guest's PID 1 (`is_guest`) or when `ADDRESS_ENV`
+    /// is set. Without either, envd runs on a host, whose loopback servers must stay private.
+    /// `envd_port` is never forwarded, and neither is the E2B envd port.
+    pub fn from_environment(is_guest: bool, envd_port: u16) -> Option<Arc<Self>> {
+        let forward_address = match std::env::var(ADDRESS_ENV) {
+            Ok(value) => match value.parse::<Ipv4Addr>() {
+                Ok(address) => address,
+                Err(_) => {
+                    tracing::error!(variable = ADDRESS_ENV, %value, "invalid IPv4 address, so port forwarding is off until the variable is unset or set to an address such as 169.254.0.21");
+                    return None;
                 }
-            };
-            let listeners = text.lines().filter_map(parse_socket_line);
-            entries.extend(listeners.filter(|entry| entry.state == TCP_LISTEN));
-        }
-        entries
+            },
+            Err(_) if is_guest => hearth_types::guest::GUEST_IP,
+            Err(_) => return None,
+        };
+        tracing::info!(%forward_address, "port forwarding of loopback servers is on, on request");
+        Some(Arc::new(Self {
+            forward_address,
+            excluded_ports: vec![hearth_types::guest::ENVD_PORT, envd_port],
+            state: Mutex::new(ForwardState::default()),
+        }))
     }
 
-    /// Closes the forwards that are no longer wanted and opens the missing ones.
-    fn apply(&mut self, entries: &[SocketEntry]) {
-        let own_inodes: HashSet<u64> = self
-            .forwards
+    fn lock(&self) -> MutexGuard<'_, ForwardState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Forwards `port` to its loopback listener unless a listener already reaches the
+    /// forward address, and starts the check task when it is not running.
+    pub fn forward_port(self: &Arc<Self>, port: u16) -> Result<ForwardOutcome, ForwardError> {
+        if port == 0 {
+            return Err(ForwardError::InvalidPort(port.to_string()));
+        }
+        if self.excluded_ports.contains(&port) {
+            return Err(ForwardError::ExcludedPort(port));
+        }
+
+        let mut state = self.lock();
+        let entries = read_listeners().map_err(ForwardError::ReadTable)?;
+        let listeners = listeners_by_port(&entries, self.forward_address, &state.own_inodes());
+        let listeners = listeners.get(&port).copied().unwrap_or_default();
+        if listeners.reaches_forward_address {
+            return Ok(ForwardOutcome::AlreadyReachable);
+        }
+        let target = listeners
+            .forward_target(port)
+            .ok_or(ForwardError::NothingListens(port))?;
+
+        match state.forwards.get(&port) {
+            Some(forward) => retarget(port, forward, target),
+            None => {
+                let forward = open(self.forward_address, port, target)?;
+                state.forwards.insert(port, forward);
+            }
+        }
+        if !state.check_running {
+            state.check_running = true;
+            tokio::spawn(self.clone().check_forwards());
+        }
+        Ok(ForwardOutcome::Forwarded)
+    }
+
+    /// Closes, every `CHECK_INTERVAL`, the forwards that are no longer wanted, and ends when
+    /// none is left.
+    async fn check_forwards(self: Arc<Self>) {
+        let mut read_failure_logged = false;
+        loop {
+            tokio::time::sleep(CHECK_INTERVAL).await;
+
+            let mut state = self.lock();
+            match read_listeners() {
+                Ok(entries) => {
+                    read_failure_logged = false;
+                    let plan = plan_forwards(
+                        &entries,
+                        self.forward_address,
+                        &state.own_inodes(),
+                        &self.excluded_ports,
+                    );
+                    state.apply(&plan);
+                }
+                Err(err) => {
+                    if !read_failure_logged {
+                        tracing::warn!(%err, "failed to read the TCP tables, so no forward closes until a read succeeds");
+                        read_failure_logged = true;
+                    }
+                }
+            }
+            if state.forwards.is_empty() {
+                state.check_running = false;
+                return;
+            }
+        }
+    }
+}
+
+impl ForwardState {
+    fn own_inodes(&self) -> HashSet<u64> {
+        self.forwards
             .values()
             .map(|forward| forward.inode)
-            .collect();
-        let plan = plan_forwards(
-            entries,
-            self.forward_address,
-            &own_inodes,
-            &self.excluded_ports,
-        );
+            .collect()
+    }
 
-        // A port whose target changed is closed here and reopened at the next scan, because
-        // an aborted accept task releases its listener only when the runtime drops it.
-        let mut closed = Vec::new();
-        for (&port, forward) in &self.forwards {
-            if plan.get(&port) != Some(&forward.target) {
-                closed.push(port);
+    /// Closes the forwards whose port is not in `plan` and points the others at the
+    /// target the plan names. Opens none: forwards open only on request.
+    fn apply(&mut self, plan: &BTreeMap<u16, SocketAddr>) {
+        self.forwards.retain(|&port, forward| match plan.get(&port) {
+            Some(&target) => {
+                retarget(port, forward, target);
+                true
             }
-        }
-        for port in &closed {
-            if let Some(forward) = self.forwards.remove(port) {
+            None => {
+                // The runtime drops the aborted task, and with it the listener, at its next turn.
                 forward.accept_task.abort();
-                tracing::info!(port, target = %forward.target, "stopped forwarding port");
+                tracing::info!(port, target = %*forward.target.borrow(), "stopped forwarding port");
+                false
             }
-        }
-        self.bind_failures_logged
-            .retain(|port| plan.contains_key(port));
-
-        for (&port, &target) in &plan {
-            if self.forwards.contains_key(&port) || closed.contains(&port) {
-                continue;
-            }
-            self.open(port, target);
-        }
+        });
     }
+}
 
-    /// Listens on the forward address at `port` and starts relaying to `target`.
-    fn open(&mut self, port: u16, target: SocketAddr) {
-        let address = SocketAddr::new(IpAddr::V4(self.forward_address), port);
-        let listener = match bind_listener(address) {
-            Ok(listener) => listener,
-            Err(err) => {
-                self.log_bind_failure(address, &err);
-                return;
-            }
-        };
-        let inode = match nix::sys::stat::fstat(&listener) {
-            Ok(stat) => stat.st_ino,
-            Err(err) => {
-                // Without its inode the listener would count as a server of its own port at
-                // the next scan, and the forward would close again.
-                tracing::warn!(%address, %err, "failed to read the inode of the forwarding listener, so the port is not forwarded");
-                return;
-            }
-        };
-
-        self.bind_failures_logged.remove(&port);
-        self.address_missing_logged = false;
-        tracing::info!(%address, %target, "forwarding port to a loopback server");
-        let accept_task = tokio::spawn(accept_connections(listener, target));
-        self.forwards.insert(
-            port,
-            Forward {
-                target,
-                inode,
-                accept_task,
-            },
-        );
+/// Points `forward` at `target` when its loopback server moved between 127.0.0.1 and ::1.
+fn retarget(port: u16, forward: &Forward, target: SocketAddr) {
+    let previous = forward.target.send_replace(target);
+    if previous != target {
+        tracing::info!(port, %previous, %target, "forwarding port to another loopback server");
     }
+}
 
-    fn log_bind_failure(&mut self, address: SocketAddr, err: &std::io::Error) {
-        if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-            if !self.address_missing_logged {
-                tracing::warn!(%address, %err, "forward address is not assigned to any interface, retrying at every scan");
-                self.address_missing_logged = true;
-            }
-            return;
+/// Listens on the forward address at `port` and starts relaying to `target`.
+fn open(forward_address: Ipv4Addr, port: u16, target: SocketAddr) -> Result<Forward, ForwardError> {
+    let address = SocketAddr::new(IpAddr::V4(forward_address), port);
+    let listener = bind_listener(address).map_err(|source| {
+        tracing::warn!(%address, err = %source, "failed to listen for port forwarding");
+        ForwardError::Bind { address, source }
+    })?;
+    // Without its inode the listener would count as a server that reaches the forward
+    // address, and the check task would close the forward.
+    let inode = nix::sys::stat::fstat(&listener)
+        .map_err(|errno| {
+            let source = std::io::Error::from(errno);
+            tracing::warn!(%address, err = %source, "failed to read the inode of the forwarding listener");
+            ForwardError::Bind { address, source }
+        })?
+        .st_ino;
+
+    tracing::info!(%address, %target, "forwarding port to a loopback server");
+    let (target, target_receiver) = watch::channel(target);
+    let accept_task = tokio::spawn(accept_connections(listener, target_receiver));
+    Ok(Forward {
+        target,
+        inode,
+        accept_task,
+    })
+}
+
+/// Adds `POST /hearth/port-forward/{port}`. With forwarding off, it answers 404.
+pub fn router(forwarding: Option<Arc<PortForwarding>>) -> Router {
+    Router::new()
+        .route(ROUTE, post(request_forward))
+        .with_state(forwarding)
+}
+
+/// Handles `POST /hearth/port-forward/{port}`: 200 `{"forwarded": true}` when envd forwards
+/// the port, 200 `{"forwarded": false}` when a listener already reaches the forward
+/// address, and a JSON error otherwise (404 when nothing listens on loopback).
+async fn request_forward(
+    State(forwarding): State<Option<Arc<PortForwarding>>>,
+    Path(port): Path<String>,
+) -> Response {
+    let Some(forwarding) = forwarding else {
+        return ForwardError::Disabled.into_response();
+    };
+    let result = match port.parse::<u16>() {
+        Ok(port) => forwarding.forward_port(port),
+        Err(_) => Err(ForwardError::InvalidPort(port)),
+    };
+    match result {
+        Ok(outcome) => {
+            let forwarded = outcome == ForwardOutcome::Forwarded;
+            Json(serde_json::json!({ "forwarded": forwarded })).into_response()
         }
-        if self.bind_failures_logged.insert(address.port()) {
-            tracing::debug!(%address, %err, "failed to listen for port forwarding, retrying at every scan");
-        }
+        Err(err) => err.into_response(),
     }
 }
 
@@ -344,15 +506,17 @@ fn bind_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Accepts connections on `listener` and relays each to `target` on a task of its own, so
-/// that aborting this task closes the listener but not the connections.
-async fn accept_connections(listener: TcpListener, target: SocketAddr) {
+/// Accepts connections on `listener` and relays each to the current `target` on a task of
+/// its own, so that aborting this task closes the listener but not the connections.
+async fn accept_connections(listener: TcpListener, target: watch::Receiver<SocketAddr>) {
     loop {
         match listener.accept().await {
             Ok((inbound, peer)) => {
+                let target = *target.borrow();
                 tokio::spawn(relay(inbound, peer, target));
             }
             Err(err) => {
+                let target = *target.borrow();
                 tracing::debug!(%target, %err, "failed to accept a forwarded connection");
                 tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
             }

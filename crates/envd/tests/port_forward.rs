@@ -1,7 +1,9 @@
 //! Port forwarding tests of the real envd binary. Each test runs envd in a network namespace
-//! of its own, whose veth interface has the forward address. They check that a server on
-//! 127.0.0.1 or ::1 becomes reachable on the forward address with half-close intact, that the
-//! forward closes when the server does, and that a server on 0.0.0.0 gets no forward.
+//! of its own, whose veth interface has the forward address, and requests forwards as the
+//! proxy does, with `POST /hearth/port-forward/{port}` to envd at the forward address. They
+//! check that a server on 127.0.0.1 or ::1 becomes reachable on the forward address with
+//! half-close intact, that the forward closes when the server does, that a server on
+//! 0.0.0.0 gets no forward, and the route's answers for ports without a loopback server.
 //!
 //! They create network namespaces and veth pairs, so they need root.
 
@@ -19,8 +21,12 @@ const FORWARD_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 1);
 /// Port envd itself listens on, free in every fresh namespace.
 const ENVD_PORT: u16 = 49983;
 
-/// Time allowed for envd to notice a listener change. It scans every 200 ms.
-const FORWARD_WAIT: Duration = Duration::from_secs(5);
+/// Time allowed for envd to close a forward after its server closed. It checks every second.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Time allowed for a connection to a forward that envd reported open. The forward listens
+/// before envd responds, so the first attempt should succeed.
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
 
 /// Read timeout of test sockets, so that a lost byte or EOF fails the test instead of hanging it.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,14 +115,24 @@ struct Envd {
 impl Envd {
     /// Starts envd in `netns` with forwarding on `FORWARD_ADDRESS` and waits until it listens.
     fn start(netns: &TestNetns) -> Self {
-        let child = netns.run(|| {
-            Command::new(env!("CARGO_BIN_EXE_envd"))
+        Self::start_with_forwarding(netns, true)
+    }
+
+    /// Starts envd in `netns`, with forwarding on `FORWARD_ADDRESS` when `forwarding` is
+    /// set, and waits until it listens. envd is not PID 1 here, so without the variable
+    /// forwarding is off.
+    fn start_with_forwarding(netns: &TestNetns, forwarding: bool) -> Self {
+        let child = netns.run(move || {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_envd"));
+            command
                 .args(["--port", &ENVD_PORT.to_string(), "--default-user", "root"])
-                .env("HEARTH_ENVD_FORWARD_ADDR", FORWARD_ADDRESS.to_string())
+                .env_remove("HEARTH_ENVD_FORWARD_ADDR")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("failed to start envd")
+                .stderr(Stdio::null());
+            if forwarding {
+                command.env("HEARTH_ENVD_FORWARD_ADDR", FORWARD_ADDRESS.to_string());
+            }
+            command.spawn().expect("failed to start envd")
         });
         let envd = Self { child };
         let listening = netns.run(|| {
@@ -197,6 +213,60 @@ fn check_round_trip_with_half_close(client: &mut TcpStream, accepted: &mut TcpSt
     assert_eq!(reply, b"pong");
 }
 
+/// Sends an HTTP/1.1 request to envd at the forward address, as the proxy reaches it, and
+/// returns the status code and the body.
+fn envd_request(method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&forwarded(ENVD_PORT), IO_TIMEOUT)
+        .expect("failed to connect to envd at the forward address");
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {FORWARD_ADDRESS}:{ENVD_PORT}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("envd sent no complete response");
+
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("response without a header end: {response:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("response without a status code: {head:?}"));
+    (status, body.to_owned())
+}
+
+/// Requests a forward of `port` (sent as written, so that invalid values can be tested) and
+/// returns the status code and the JSON body.
+fn request_forward(port: &str) -> (u16, serde_json::Value) {
+    let (status, body) = envd_request("POST", &format!("/hearth/port-forward/{port}"), "", "");
+    let json = serde_json::from_str(&body)
+        .unwrap_or_else(|err| panic!("response body {body:?} is not JSON: {err}"));
+    (status, json)
+}
+
+/// Requests a forward of `port` and checks that envd reports it forwarded.
+fn expect_forwarded(port: u16) {
+    let (status, body) = request_forward(&port.to_string());
+    assert_eq!(status, 200, "body {body}");
+    assert_eq!(body["forwarded"], true, "body {body}");
+}
+
+/// Returns the voluntary context switches of `pid`'s main thread, which runs envd's
+/// runtime. The count grows each time the thread sleeps, so it grows with every timer.
+fn voluntary_context_switches(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("no voluntary_ctxt_switches line in the thread status")
+}
+
 /// Returns the local addresses of the LISTEN sockets on `port` in the calling thread's
 /// namespace. `/proc/net` would show the namespace of the process's main thread instead.
 fn listeners_on_port(port: u16) -> Vec<String> {
@@ -218,14 +288,19 @@ fn loopback_server_is_forwarded() {
     let _envd = Envd::start(&netns);
     netns.run(|| {
         let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
-        let mut client = connect_within(forwarded(8080), FORWARD_WAIT)
-            .expect("no forward of port 8080 within 5 s");
+        expect_forwarded(8080);
+
+        let mut client = connect_within(forwarded(8080), CONNECT_WAIT)
+            .expect("forward of port 8080 refused after envd reported it open");
         let (mut accepted, peer) = accept(&server);
         assert_eq!(peer.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
         check_round_trip_with_half_close(&mut client, &mut accepted);
 
-        // Over a second, envd scans about five times and must keep its own listener open.
-        let deadline = Instant::now() + Duration::from_secs(1);
+        // A second request finds the forward open and keeps it.
+        expect_forwarded(8080);
+
+        // Over 2.5 s, envd checks its forwards at least twice and must keep this one open.
+        let deadline = Instant::now() + Duration::from_millis(2500);
         while Instant::now() < deadline {
             let connected = TcpStream::connect_timeout(&forwarded(8080), Duration::from_secs(1));
             assert!(
@@ -233,7 +308,7 @@ fn loopback_server_is_forwarded() {
                 "forward closed while the server listened: {connected:?}"
             );
             accept(&server);
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
     });
 }
@@ -244,11 +319,31 @@ fn ipv6_loopback_server_is_forwarded() {
     let _envd = Envd::start(&netns);
     netns.run(|| {
         let server = TcpListener::bind((Ipv6Addr::LOCALHOST, 8080)).unwrap();
-        let mut client = connect_within(forwarded(8080), FORWARD_WAIT)
-            .expect("no forward of port 8080 within 5 s");
+        expect_forwarded(8080);
+
+        let mut client = connect_within(forwarded(8080), CONNECT_WAIT)
+            .expect("forward of port 8080 refused after envd reported it open");
         let (mut accepted, peer) = accept(&server);
         assert_eq!(peer.ip(), IpAddr::V6(Ipv6Addr::LOCALHOST));
         check_round_trip_with_half_close(&mut client, &mut accepted);
+    });
+}
+
+#[test]
+fn loopback_port_is_refused_before_request() {
+    let netns = TestNetns::create("lazy");
+    let _envd = Envd::start(&netns);
+    netns.run(|| {
+        let _server = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+
+        let connected = TcpStream::connect_timeout(&forwarded(8080), Duration::from_secs(1));
+        let refused = matches!(&connected, Err(err) if err.kind() == ErrorKind::ConnectionRefused);
+        assert!(
+            refused,
+            "port 8080 reachable without a forward request: {connected:?}"
+        );
+        assert_eq!(listeners_on_port(8080), vec!["0100007F:1F90".to_owned()]);
     });
 }
 
@@ -258,13 +353,14 @@ fn forward_closes_with_loopback_server() {
     let _envd = Envd::start(&netns);
     netns.run(|| {
         let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
-        let mut client = connect_within(forwarded(8080), FORWARD_WAIT)
-            .expect("no forward of port 8080 within 5 s");
+        expect_forwarded(8080);
+        let mut client = connect_within(forwarded(8080), CONNECT_WAIT)
+            .expect("forward of port 8080 refused after envd reported it open");
         let (mut accepted, _) = accept(&server);
         drop(server);
 
         assert!(
-            refused_within(forwarded(8080), FORWARD_WAIT),
+            refused_within(forwarded(8080), CLOSE_WAIT),
             "forward of port 8080 still open 5 s after its server closed"
         );
 
@@ -288,27 +384,150 @@ fn forward_closes_with_loopback_server() {
 }
 
 #[test]
+fn forward_reopens_after_server_restart() {
+    let netns = TestNetns::create("again");
+    let _envd = Envd::start(&netns);
+    netns.run(|| {
+        let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
+        expect_forwarded(8080);
+        drop(server);
+        assert!(
+            refused_within(forwarded(8080), CLOSE_WAIT),
+            "forward of port 8080 still open 5 s after its server closed"
+        );
+
+        let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
+        expect_forwarded(8080);
+        let mut client = connect_within(forwarded(8080), CONNECT_WAIT)
+            .expect("second forward of port 8080 refused after envd reported it open");
+        let (mut accepted, _) = accept(&server);
+        check_round_trip_with_half_close(&mut client, &mut accepted);
+    });
+}
+
+#[test]
+fn idle_envd_stops_checking() {
+    let netns = TestNetns::create("idle");
+    let envd = Envd::start(&netns);
+    let pid = envd.child.id();
+    netns.run(move || {
+        let server = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
+        expect_forwarded(8080);
+        drop(server);
+        assert!(
+            refused_within(forwarded(8080), CLOSE_WAIT),
+            "forward of port 8080 still open 5 s after its server closed"
+        );
+
+        // The check that closed the last forward ends the check task. After it, envd's
+        // runtime thread must sleep through 3 s without a wakeup.
+        std::thread::sleep(Duration::from_millis(500));
+        let before = voluntary_context_switches(pid);
+        std::thread::sleep(Duration::from_secs(3));
+        let after = voluntary_context_switches(pid);
+        assert_eq!(
+            after - before,
+            0,
+            "envd's runtime thread woke {} times in 3 s without forwards",
+            after - before
+        );
+    });
+}
+
+#[test]
 fn wildcard_server_is_not_forwarded() {
     let netns = TestNetns::create("any");
     let _envd = Envd::start(&netns);
     netns.run(|| {
         let server = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 8080)).unwrap();
-
-        // A forward of a loopback server started later shows that envd has scanned since.
-        let marker = TcpListener::bind((Ipv4Addr::LOCALHOST, 8081)).unwrap();
-        let marker_client = connect_within(forwarded(8081), FORWARD_WAIT);
-        assert!(
-            marker_client.is_some(),
-            "no forward of port 8081 within 5 s"
-        );
-        drop(marker);
-
+        let (status, body) = request_forward("8080");
+        assert_eq!(status, 200, "body {body}");
+        assert_eq!(body["forwarded"], false, "body {body}");
         assert_eq!(listeners_on_port(8080), vec!["00000000:1F90".to_owned()]);
 
-        let client = connect_within(forwarded(8080), FORWARD_WAIT)
+        let client = connect_within(forwarded(8080), CONNECT_WAIT)
             .expect("server on 0.0.0.0:8080 unreachable");
         let (accepted, peer) = accept(&server);
         assert_eq!(accepted.local_addr().unwrap(), forwarded(8080));
         assert_eq!(peer, client.local_addr().unwrap());
+    });
+}
+
+#[test]
+fn port_without_loopback_server_is_404() {
+    let netns = TestNetns::create("none");
+    let _envd = Envd::start(&netns);
+    netns.run(|| {
+        let (status, body) = request_forward("8080");
+        assert_eq!(status, 404, "body {body}");
+        assert_eq!(body["code"], 404, "body {body}");
+        assert_eq!(
+            body["message"], "nothing listens on port 8080",
+            "body {body}"
+        );
+
+        // Other loopback addresses are not forwarded.
+        let _server = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 2), 8081)).unwrap();
+        let (status, body) = request_forward("8081");
+        assert_eq!(status, 404, "body {body}");
+        assert_eq!(listeners_on_port(8081), vec!["0200007F:1F91".to_owned()]);
+    });
+}
+
+#[test]
+fn invalid_ports_are_400() {
+    let netns = TestNetns::create("bad");
+    let _envd = Envd::start(&netns);
+    netns.run(|| {
+        for port in ["0", "49983", "http", "65536", "-1"] {
+            let (status, body) = request_forward(port);
+            assert_eq!(status, 400, "port {port}: body {body}");
+            assert_eq!(body["code"], 400, "port {port}: body {body}");
+            assert!(
+                body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "port {port}: body {body}"
+            );
+        }
+    });
+}
+
+#[test]
+fn route_needs_no_access_token() {
+    let netns = TestNetns::create("token");
+    let _envd = Envd::start(&netns);
+    netns.run(|| {
+        let (status, body) = envd_request(
+            "POST",
+            "/init",
+            "Content-Type: application/json\r\n",
+            r#"{"accessToken":"secret-token"}"#,
+        );
+        assert_eq!(status, 204, "body {body}");
+        let (status, body) = envd_request("GET", "/envs", "", "");
+        assert_eq!(status, 401, "envd accepted /envs without its token: {body}");
+
+        let _server = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
+        expect_forwarded(8080);
+        assert!(
+            connect_within(forwarded(8080), CONNECT_WAIT).is_some(),
+            "forward of port 8080 refused after envd reported it open"
+        );
+    });
+}
+
+#[test]
+fn route_is_404_with_forwarding_off() {
+    let netns = TestNetns::create("off");
+    let _envd = Envd::start_with_forwarding(&netns, false);
+    netns.run(|| {
+        let _server = TcpListener::bind((Ipv4Addr::LOCALHOST, 8080)).unwrap();
+        let (status, body) = request_forward("8080");
+        assert_eq!(status, 404, "body {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("forwarding of loopback servers is off"),
+            "body {body}"
+        );
+        assert_eq!(listeners_on_port(8080), vec!["0100007F:1F90".to_owned()]);
     });
 }
