@@ -278,6 +278,12 @@ pub enum ForwardError {
         address: SocketAddr,
         source: std::io::Error,
     },
+
+    #[error("failed to read the inode of the forwarding listener on {address}: {source}")]
+    Inode {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 impl ForwardError {
@@ -290,7 +296,7 @@ impl ForwardError {
             {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ForwardError::ReadTable(_) | ForwardError::Bind { .. } => {
+            ForwardError::ReadTable(_) | ForwardError::Bind { .. } | ForwardError::Inode { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
@@ -423,7 +429,9 @@ impl ForwardState {
                 true
             }
             None => {
-                // The runtime drops the aborted task, and with it the listener, at its next turn.
+                // The runtime drops the aborted task, and with it the listener, at its next
+                // turn. NOTE: a request for this port handled before that turn fails to bind
+                // with EADDRINUSE, and the proxy reports the port as not open.
                 forward.accept_task.abort();
                 tracing::info!(port, target = %*forward.target.borrow(), "stopped forwarding port");
                 false
@@ -453,7 +461,7 @@ fn open(forward_address: Ipv4Addr, port: u16, target: SocketAddr) -> Result<Forw
         .map_err(|errno| {
             let source = std::io::Error::from(errno);
             tracing::warn!(%address, err = %source, "failed to read the inode of the forwarding listener");
-            ForwardError::Bind { address, source }
+            ForwardError::Inode { address, source }
         })?
         .st_ino;
 
@@ -467,7 +475,7 @@ fn open(forward_address: Ipv4Addr, port: u16, target: SocketAddr) -> Result<Forw
     })
 }
 
-/// Adds `POST /hearth/port-forward/{port}`. With forwarding off, it answers 404.
+/// Adds `POST /hearth/port-forward/{port}`. With forwarding off, it responds with 404.
 pub fn router(forwarding: Option<Arc<PortForwarding>>) -> Router {
     Router::new()
         .route(ROUTE, post(request_forward))

@@ -3,7 +3,7 @@
 //! proxy does, with `POST /hearth/port-forward/{port}` to envd at the forward address. They
 //! check that a server on 127.0.0.1 or ::1 becomes reachable on the forward address with
 //! half-close intact, that the forward closes when the server does, that a server on
-//! 0.0.0.0 gets no forward, and the route's answers for ports without a loopback server.
+//! 0.0.0.0 gets no forward, and the route's responses for ports without a loopback server.
 //!
 //! They create network namespaces and veth pairs, so they need root.
 

@@ -9,6 +9,7 @@
 
 mod error;
 mod forward;
+mod port_forward;
 mod resolve;
 mod route;
 mod server;

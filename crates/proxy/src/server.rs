@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use hearth_types::guest::ENVD_PORT;
 use crate::error::ProxyError;
 use crate::resolve::{backend_host, SandboxResolver};
 use crate::forward::{prepare_request, root_cause, strip_hop_by_hop, wants_upgrade};
+use crate::port_forward::{connect_or_forward, ForwardingConnector};
 use crate::route::{Route, RouteTable};
 use crate::target::{Target, TRAFFIC_ACCESS_TOKEN_HEADER};
 
@@ -60,7 +61,7 @@ impl Default for ProxyConfig {
 /// The edge proxy. Share it with `Arc` and run [`Proxy::serve`] on a listener.
 pub struct Proxy {
     routes: Arc<dyn RouteTable>,
-    client: Client<HttpConnector<SandboxResolver>, Incoming>,
+    client: Client<ForwardingConnector, Incoming>,
     config: ProxyConfig,
 }
 
@@ -73,7 +74,7 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
-            .build(connector);
+            .build(ForwardingConnector::new(connector));
         Proxy {
             routes,
             client,
@@ -177,7 +178,7 @@ impl Proxy {
         })?;
         check_traffic_token(&route, &target, &parts.headers)?;
 
-        let upstream = SocketAddr::from((route.address, target.port));
+        let upstream = SocketAddrV4::new(route.address, target.port);
         // The pool key names the sandbox and its current address, so connections of a
         // sandbox that moved (a resume into another slot) or of an address that passed to
         // another sandbox are never reused. Sandbox IDs are DNS labels ([a-z0-9]) and the
@@ -210,21 +211,21 @@ impl Proxy {
         request: Request<Incoming>,
         client_upgrade: OnUpgrade,
         target: &Target,
-        upstream: SocketAddr,
+        upstream: SocketAddrV4,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let stream =
-            match tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(upstream))
-                .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => return Err(port_not_open(target, error.to_string())),
-                Err(_) => {
-                    return Err(port_not_open(
-                        target,
-                        format!("timed out after {:?}", self.config.connect_timeout),
-                    ))
-                }
-            };
+        let connect_timeout = self.config.connect_timeout;
+        let connect = || async move {
+            match tokio::time::timeout(connect_timeout, TcpStream::connect(upstream)).await {
+                Ok(result) => result,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("timed out after {connect_timeout:?}"),
+                )),
+            }
+        };
+        let stream = connect_or_forward(*upstream.ip(), upstream.port(), connect)
+            .await
+            .map_err(|error| port_not_open(target, error.to_string()))?;
         let _ = stream.set_nodelay(true);
 
         let (mut sender, connection) =

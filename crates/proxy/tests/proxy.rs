@@ -519,3 +519,150 @@ async fn backend_connections_reused() {
         "backend accepted {connections} connections for 50 sequential requests"
     );
 }
+
+/// A stand-in for envd's forward route, `POST /hearth/port-forward/{port}` at
+/// `address`:49983. For a port in `loopback_ports` it starts a backend on `address` at that
+/// port, as envd's forward makes a loopback server reachable on the sandbox's address, and
+/// responds with 200. For other ports it responds with 404, as envd does when nothing listens.
+struct StandInEnvd {
+    /// Ports of the forward requests received, in order.
+    requests: Arc<std::sync::Mutex<Vec<u16>>>,
+}
+
+impl StandInEnvd {
+    async fn start(address: Ipv4Addr, loopback_ports: Vec<u16>) -> StandInEnvd {
+        let listener = TcpListener::bind((address, hearth_types::guest::ENVD_PORT))
+            .await
+            .unwrap_or_else(|err| panic!("failed to listen on {address}:49983: {err}"));
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let received = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let received = received.clone();
+                let loopback_ports = loopback_ports.clone();
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let received = received.clone();
+                    let loopback_ports = loopback_ports.clone();
+                    async move {
+                        let port: u16 = request
+                            .uri()
+                            .path()
+                            .strip_prefix("/hearth/port-forward/")
+                            .and_then(|port| port.parse().ok())
+                            .expect("forward request without a port");
+                        assert_eq!(request.method(), http::Method::POST);
+                        received.lock().unwrap().push(port);
+
+                        let response = if loopback_ports.contains(&port) {
+                            if let Ok(backend) = TcpListener::bind((address, port)).await {
+                                start_backend(backend, "loopback", Arc::default()).await;
+                            }
+                            Response::new(full(r#"{"forwarded":true}"#))
+                        } else {
+                            let message = format!(
+                                r#"{{"code":404,"message":"nothing listens on port {port}"}}"#
+                            );
+                            Response::builder().status(404).body(full(message)).unwrap()
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        StandInEnvd { requests }
+    }
+
+    fn requests(&self) -> Vec<u16> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// Returns a port that nothing listens on at `address`.
+fn closed_port(address: Ipv4Addr) -> u16 {
+    let listener = std::net::TcpListener::bind((address, 0)).unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Starts a proxy that routes `sbx-loopback` to `address`, and returns its address.
+async fn start_proxy_for(address: Ipv4Addr) -> SocketAddr {
+    let route = Route {
+        address,
+        traffic_access_token: None,
+    };
+    let routes = HashMap::from([("sbx-loopback".to_owned(), route)]);
+    let proxy = Arc::new(Proxy::new(
+        Arc::new(StaticRoutes(routes)),
+        ProxyConfig::default(),
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_address = listener.local_addr().unwrap();
+    tokio::spawn(proxy.serve(listener, std::future::pending()));
+    proxy_address
+}
+
+#[tokio::test]
+async fn refused_port_reached_after_forward_request() {
+    let sandbox = Ipv4Addr::new(127, 0, 0, 6);
+    let port = closed_port(sandbox);
+    let upgrade_port = closed_port(sandbox);
+    let envd = StandInEnvd::start(sandbox, vec![port, upgrade_port]).await;
+    let proxy = start_proxy_for(sandbox).await;
+    let client = http1_client();
+    let host = format!("{port}-sbx-loopback.example.com");
+
+    for _ in 0..3 {
+        let request = Request::get(format!("http://{proxy}/hello"))
+            .header("host", &host)
+            .body(full(""))
+            .unwrap();
+        let (status, body) = send(&client, request).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.starts_with("backend=loopback "), "{body}");
+    }
+    assert_eq!(envd.requests(), vec![port], "forward requests to envd");
+
+    // An upgrade connects on its own path and requests a forward the same way.
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {upgrade_port}-sbx-loopback.example.com\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101", "{}", String::from_utf8_lossy(&head));
+    assert_eq!(
+        envd.requests(),
+        vec![port, upgrade_port],
+        "forward requests to envd"
+    );
+}
+
+#[tokio::test]
+async fn port_without_any_server_is_502_nothing_listens() {
+    let sandbox = Ipv4Addr::new(127, 0, 0, 7);
+    let port = closed_port(sandbox);
+    let envd = StandInEnvd::start(sandbox, Vec::new()).await;
+    let proxy = start_proxy_for(sandbox).await;
+
+    let request = Request::get(format!("http://{proxy}/hello"))
+        .header("host", format!("{port}-sbx-loopback.example.com"))
+        .body(full(""))
+        .unwrap();
+    let (status, body) = send(&http1_client(), request).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let message = json["message"].as_str().unwrap();
+    assert!(message.contains("port is not open"), "{message}");
+    assert!(
+        message.contains(&format!(
+            "nothing listens on port {port}, also not on 127.0.0.1"
+        )),
+        "{message}"
+    );
+    assert_eq!(envd.requests(), vec![port], "forward requests to envd");
+}
