@@ -169,7 +169,12 @@ impl Drop for ProcessInNetns {
 struct OutsideHost {
     netns: String,
     host_end: String,
+    // Every outside host has the same addresses, so tests that run at the same time would
+    // route into each other's: one exists at a time.
+    _exclusive: std::sync::MutexGuard<'static, ()>,
 }
+
+static OUTSIDE_HOST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl OutsideHost {
     /// Address of the host's end of the veth pair.
@@ -178,9 +183,13 @@ impl OutsideHost {
     const IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 
     fn create(pool: &SlotPool) -> OutsideHost {
+        let exclusive = OUTSIDE_HOST_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let outside = OutsideHost {
             netns: guest_netns_name(pool, "out"),
             host_end: format!("hgo{}", pool.instance()),
+            _exclusive: exclusive,
         };
         let netns = outside.netns.as_str();
         let host_end = outside.host_end.as_str();
