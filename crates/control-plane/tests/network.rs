@@ -19,7 +19,7 @@ fn subnets(policy: &EgressPolicy, list: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn create_passes_the_egress_policy_and_issues_a_traffic_token() {
+async fn create_sets_policy_and_token() {
     let h = harness().await;
     let reply = h
         .call(
@@ -82,7 +82,7 @@ async fn public_traffic_by_default_has_no_token() {
 }
 
 #[tokio::test]
-async fn update_replaces_the_rules_of_a_running_sandbox() {
+async fn update_replaces_running_rules() {
     let h = harness().await;
     let id = h
         .create(json!({"templateID": "base", "network": {"denyOut": ["10.0.0.0/8"]}}))
@@ -136,7 +136,7 @@ async fn update_replaces_the_rules_of_a_running_sandbox() {
 }
 
 #[tokio::test]
-async fn update_rejects_bad_input_and_unknown_sandboxes() {
+async fn update_rejects_bad_input() {
     let h = harness().await;
     let id = h.create(json!({"templateID": "base"})).await;
     for body in [
@@ -179,7 +179,7 @@ async fn update_rejects_bad_input_and_unknown_sandboxes() {
 }
 
 #[tokio::test]
-async fn paused_sandbox_gets_new_rules_at_resume_and_forks_inherit_them() {
+async fn paused_update_applies_at_resume() {
     let h = harness().await;
     let id = h
         .create(json!({"templateID": "base", "autoPause": true}))
@@ -236,7 +236,7 @@ async fn paused_sandbox_gets_new_rules_at_resume_and_forks_inherit_them() {
 }
 
 #[tokio::test]
-async fn sandbox_whose_vm_exited_is_marked_killed() {
+async fn lost_vm_marks_sandbox_killed() {
     use hearth_control_plane::runtime::SandboxRuntime;
 
     let h = harness().await;
