@@ -109,6 +109,9 @@ pub struct SandboxDetail {
     pub envd_access_token: Option<String>,
     #[serde(rename = "allowInternetAccess")]
     pub allow_internet_access: Option<bool>,
+    /// Network settings in force: `allowOut`, `denyOut`, `dnsServers`, `allowPublicTraffic`.
+    #[schema(value_type = Object)]
+    pub network: crate::network::NetworkSettings,
     pub domain: Option<String>,
     #[serde(rename = "cpuCount")]
     pub cpu_count: u32,

@@ -113,6 +113,12 @@ async fn update_replaces_running_rules() {
 
     let detail = h.call(Method::GET, &format!("/sandboxes/{id}"), None).await;
     assert_eq!(detail.body["allowInternetAccess"], false, "{}", detail.text);
+    assert_eq!(
+        detail.body["network"],
+        json!({"allowOut": ["203.0.113.0/24"]}),
+        "{}",
+        detail.text
+    );
 
     // An empty body opens everything again.
     let reply = h

@@ -25,7 +25,7 @@ use crate::command::{self, CommandError};
 use crate::domain_proxy::DOMAIN_PROXY_PORT;
 use crate::slot::Slot;
 use crate::sniff::DomainPattern;
-use crate::subnet::Ipv4Subnet;
+use crate::subnet::{Ipv4Subnet, SubnetError};
 
 /// Name of the egress table inside each slot's namespace.
 const EGRESS_TABLE: &str = "hearth_egress";
@@ -193,27 +193,29 @@ impl EgressPolicy {
 /// Parses an `allowOut`/`denyOut` entry as an IPv4 address or CIDR. Returns `None` for an
 /// entry that is neither (a domain name, for `allowOut`).
 fn parse_address(entry: &str) -> Option<Result<Ipv4Subnet, InvalidEgress>> {
-    let looks_numeric = entry
-        .bytes()
-        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/');
-    if !looks_numeric && !entry.contains(':') {
-        return None;
-    }
     let invalid = |reason: String| InvalidEgress {
         field: "allowOut",
         entry: entry.to_owned(),
         reason,
     };
-    if entry.contains(':') {
+    let address = entry.split_once('/').map_or(entry, |(address, _)| address);
+    if address.parse::<std::net::Ipv6Addr>().is_ok() {
         return Some(Err(invalid(
             "IPv6 destinations are not supported: sandboxes have IPv4 only".into(),
         )));
     }
-    Some(
-        entry
-            .parse::<Ipv4Subnet>()
-            .map_err(|err| invalid(err.to_string())),
-    )
+    let looks_numeric = entry
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/');
+    if !looks_numeric {
+        return None;
+    }
+    Some(entry.parse::<Ipv4Subnet>().map_err(|err| {
+        invalid(match err {
+            SubnetError::HostBits { .. } => err.to_string(),
+            _ => "expected an IPv4 address or CIDR such as 10.0.0.0/8".into(),
+        })
+    }))
 }
 
 /// Replaces the egress rules of the guest in `slot` with `policy`. When
@@ -338,6 +340,22 @@ mod tests {
         })
         .unwrap_err();
         assert!(error.reason.contains("IPv6"), "{error}");
+
+        let allow = strings(&["example.com:443"]);
+        let error = EgressPolicy::from_settings(&EgressSettings {
+            allow_out: &allow,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(!error.reason.contains("IPv6"), "{error}");
+
+        let deny = strings(&["256.1.1.1"]);
+        let error = EgressPolicy::from_settings(&EgressSettings {
+            deny_out: &deny,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(error.reason.contains("IPv4 address or CIDR"), "{error}");
 
         let allow = strings(&["bad domain!"]);
         assert!(EgressPolicy::from_settings(&EgressSettings {

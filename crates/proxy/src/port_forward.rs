@@ -39,7 +39,7 @@ pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Error for a refused port that has no loopback server either, according to envd.
 #[derive(Debug, thiserror::Error)]
-#[error("connection refused, and nothing listens on port {port}, also not on 127.0.0.1 or ::1")]
+#[error("connection refused, and nothing listens on port {port}, also not on 127.0.0.1 or ::1 (the only loopback addresses the proxy reaches)")]
 pub(crate) struct NothingListens {
     pub port: u16,
 }

@@ -397,6 +397,7 @@ fn sandbox_detail(cp: &ControlPlane, record: &SandboxRecord) -> SandboxDetail {
         envd_version: record.envd_version.clone(),
         envd_access_token: record.envd_access_token.clone(),
         allow_internet_access: record.allow_internet_access,
+        network: record.network.clone(),
         domain: cp.config().domain.clone(),
         cpu_count: record.vcpus,
         memory_mb: record.memory_mib,
