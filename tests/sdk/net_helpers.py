@@ -4,7 +4,7 @@
 that a sandbox may or may not reach. It has two addresses (198.18.0.2 and
 198.18.0.3, from the benchmarking range 198.18.0.0/15) and runs
 
-- an HTTP server on port 80 that answers `inet-http <Host header> <address>`,
+- an HTTP server on port 80 that replies `inet-http <Host header> <address>`,
 - a TLS server on port 443 (self-signed) that answers `inet-tls <SNI> <address>`,
 - a DNS server on port 53 (UDP) that answers every A query with 198.18.0.2, or with
   198.18.0.3 for names that start with `three.`.

@@ -157,8 +157,8 @@ def test_update_network_replaces_rules_of_a_running_sandbox(probed):
     assert allowed["ok"], allowed
     sbx.files.write("/tmp/go", "1")
     assert wait_for(lambda: sbx.files.exists("/tmp/result"), 30)
-    held = sbx.files.read("/tmp/result")
-    assert held.startswith("failed"), held
+    open_connection_outcome = sbx.files.read("/tmp/result")
+    assert open_connection_outcome.startswith("failed"), open_connection_outcome
     print(f"update_network took {elapsed * 1000:.0f} ms")
 
     sbx.update_network({"allow_internet_access": False})

@@ -45,7 +45,7 @@ impl ApiError {
         }
     }
 
-    /// The message the client receives.
+    /// Returns the message the client receives.
     pub fn message(&self) -> &str {
         &self.message
     }

@@ -130,7 +130,7 @@ fn string_list(field: &str, value: &Value) -> Result<Option<Vec<String>>, ApiErr
     }
 }
 
-/// Accepts a setting Hearth does not implement only when it asks for nothing.
+/// Accepts a setting Hearth does not implement only at its default (null or empty).
 fn reject_unsupported(name: &str, value: &Value) -> Result<(), ApiError> {
     let is_default = match name {
         "httpsPorts" => value.is_null() || value.as_array().is_some_and(Vec::is_empty),

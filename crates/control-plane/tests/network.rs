@@ -247,7 +247,7 @@ async fn lost_vm_marks_sandbox_killed() {
 
     let h = harness().await;
     let lost = h.create(json!({"templateID": "base"})).await;
-    let kept = h.create(json!({"templateID": "base"})).await;
+    let healthy = h.create(json!({"templateID": "base"})).await;
     // The node agent's watchdog removes a sandbox whose VMM died; the runtime then no
     // longer lists it.
     let lost_id = hearth_types::SandboxId::parse(&lost).unwrap();
@@ -264,7 +264,7 @@ async fn lost_vm_marks_sandbox_killed() {
         reply.text
     );
     let reply = h
-        .call(Method::GET, &format!("/sandboxes/{kept}"), None)
+        .call(Method::GET, &format!("/sandboxes/{healthy}"), None)
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(h.control_plane.reap_lost().await.unwrap(), 0);

@@ -255,7 +255,7 @@ pub enum ForwardOutcome {
     Forwarded,
 }
 
-/// Why a port is not forwarded.
+/// Reason a port is not forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("invalid port {0:?}: expected a TCP port number from 1 to 65535")]

@@ -1,9 +1,10 @@
 //! Port forwarding tests of the real envd binary. Each test runs envd in a network namespace
 //! of its own, whose veth interface has the forward address, and requests forwards as the
-//! proxy does, with `POST /hearth/port-forward/{port}` to envd at the forward address. They
-//! check that a server on 127.0.0.1 or ::1 becomes reachable on the forward address with
-//! half-close intact, that the forward closes when the server does, that a server on
-//! 0.0.0.0 gets no forward, and the route's responses for ports without a loopback server.
+//! proxy does, with `POST /hearth/port-forward/{port}` to envd at the forward address.
+//! They check that a server on 127.0.0.1 or ::1 becomes reachable on the forward address
+//! with half-close intact, and that the forward closes when the server does. They also
+//! check that a server on 0.0.0.0 gets no forward, and the route's responses for ports
+//! without a loopback server.
 //!
 //! They create network namespaces and veth pairs, so they need root.
 

@@ -141,7 +141,7 @@ impl EgressPolicy {
         self.deny.is_empty()
     }
 
-    /// The nftables script that replaces the slot's egress table with this policy.
+    /// Renders the nftables script that replaces the slot's egress table with this policy.
     pub(crate) fn nft_script(&self) -> String {
         let mut script = format!(
             "table ip {EGRESS_TABLE}\n\

@@ -302,8 +302,8 @@ impl SlotPool {
     /// Removes this instance's namespaces and host veths whose index the pool is not
     /// working on, killing the processes inside them first, and clears the conntrack
     /// entries of their addresses. A ready slot that contains a process is deleted the
-    /// same way, because a ready slot never contains one and its state can no longer be
-    /// trusted; the fill task prepares a replacement. Slots in use are left alone.
+    /// same way, because a ready slot should never contain one, so its state cannot be
+    /// trusted. The fill task prepares a replacement. Slots in use are left alone.
     pub async fn sweep_orphans(&self) -> Result<SweepReport, PoolError> {
         self.inner.sweep_orphans().await
     }

@@ -703,9 +703,8 @@ mod tests {
         assert_eq!(sniff(&hello), Sniffed::Host("Api.Example.com".into()));
     }
 
-    #[test]
-    fn tls_every_prefix_needs_more() {
-        let hello = client_hello("example.com");
+    /// Checks that every proper prefix of `hello` asks for more bytes.
+    fn assert_prefixes_need_more(hello: &[u8]) {
         for end in 1..hello.len() {
             assert_eq!(
                 sniff(&hello[..end]),
@@ -716,17 +715,16 @@ mod tests {
     }
 
     #[test]
+    fn tls_every_prefix_needs_more() {
+        assert_prefixes_need_more(&client_hello("example.com"));
+    }
+
+    #[test]
     fn tls_hello_split_over_records() {
         let message = client_hello_message(&[server_name_extension("split.example.com")]);
         let hello = records(&message, 10);
         assert_eq!(sniff(&hello), Sniffed::Host("split.example.com".into()));
-        for end in 1..hello.len() {
-            assert_eq!(
-                sniff(&hello[..end]),
-                Sniffed::NeedMore,
-                "prefix of {end} bytes"
-            );
-        }
+        assert_prefixes_need_more(&hello);
     }
 
     #[test]

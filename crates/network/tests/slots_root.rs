@@ -832,7 +832,7 @@ async fn root_dns_goes_to_the_chosen_resolver() {
         socket
     });
 
-    // The guest asks a server that does not exist; the query reaches the resolver.
+    // The guest queries a server that does not exist, and the query reaches the resolver.
     guest::in_netns(&guest.netns, || {
         let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap();
         socket.send_to(b"query", ("192.0.2.53", 53)).unwrap();

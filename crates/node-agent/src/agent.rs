@@ -345,8 +345,8 @@ impl NodeAgent {
         // The rules are loaded before the guest runs, so the guest never runs without them.
         let mut domain_proxy = None;
         if !spec.egress.is_open() {
-            match apply_egress(&slot, &spec.egress, None, false).await {
-                Ok(proxy) => domain_proxy = proxy,
+            match apply_egress(&slot, &spec.egress, &mut domain_proxy, false).await {
+                Ok(()) => {}
                 Err(err) => {
                     self.release_slot(&spec.sandbox_id, slot).await;
                     return Err(before_run(err));
@@ -660,35 +660,37 @@ struct Placed {
     domain_proxy: Option<DomainProxy>,
 }
 
-/// Installs `policy` in `slot` and returns the domain proxy it needs, if any: `current`
-/// (given the new names) when there is one, else a new one. The proxy is listening before
-/// the rules send connections to it. `reset_connections` makes open connections follow
-/// the new rules too.
+/// Installs `policy` in `slot` and keeps `proxy` as the policy needs it: given the new
+/// names, started when the policy has names and there is none, stopped once the rules no
+/// longer send connections to it. The proxy is listening before the rules send
+/// connections to it. `reset_connections` makes open connections follow the new rules too.
 async fn apply_egress(
     slot: &Slot,
     policy: &EgressPolicy,
-    current: Option<DomainProxy>,
+    proxy: &mut Option<DomainProxy>,
     reset_connections: bool,
-) -> Result<Option<DomainProxy>, RuntimeError> {
-    let proxy = if policy.allow_domains.is_empty() {
-        None
-    } else if let Some(proxy) = current {
-        proxy.set_domains(policy.allow_domains.clone());
-        Some(proxy)
-    } else {
-        Some(
-            DomainProxy::start(&slot.netns, policy.allow_domains.clone())
-                .await
-                .map_err(|err| RuntimeError::Failed(format!("failed to start the domain proxy: {err}")))?,
-        )
-    };
+) -> Result<(), RuntimeError> {
+    if !policy.allow_domains.is_empty() {
+        match proxy {
+            Some(running) => running.set_domains(policy.allow_domains.clone()),
+            None => {
+                let started = DomainProxy::start(&slot.netns, policy.allow_domains.clone())
+                    .await
+                    .map_err(|err| RuntimeError::Failed(format!("failed to start the domain proxy: {err}")))?;
+                *proxy = Some(started);
+            }
+        }
+    }
     let slot = slot.clone();
-    let policy = policy.clone();
-    tokio::task::spawn_blocking(move || egress::apply(&slot, &policy, reset_connections))
+    let policy_copy = policy.clone();
+    tokio::task::spawn_blocking(move || egress::apply(&slot, &policy_copy, reset_connections))
         .await
         .map_err(|err| RuntimeError::Failed(format!("egress rule task failed: {err}")))?
         .map_err(|err| RuntimeError::Failed(format!("failed to install the egress rules: {err}")))?;
-    Ok(proxy)
+    if policy.allow_domains.is_empty() {
+        *proxy = None;
+    }
+    Ok(())
 }
 
 /// A failed [`NodeAgent::restore_in_new_slot`].
@@ -1101,8 +1103,8 @@ impl SandboxRuntime for NodeAgent {
             return Err(RuntimeError::NotFound(sandbox_id.clone()));
         };
         let started = Instant::now();
-        let current = sandbox.domain_proxy.take();
-        sandbox.domain_proxy = apply_egress(&sandbox.slot, &policy, current, true).await?;
+        // On failure nft has kept the old rules, and the proxy they may use is kept too.
+        apply_egress(&sandbox.slot, &policy, &mut sandbox.domain_proxy, true).await?;
         sandbox.egress = policy;
         tracing::info!(
             sandbox_id = %sandbox_id,

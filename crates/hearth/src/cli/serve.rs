@@ -69,8 +69,8 @@ pub struct ServeArgs {
     dns_server: Option<std::net::Ipv4Addr>,
 
     /// Seconds between sweeps that remove network slots, namespaces and VMM processes that
-    /// belong to no sandbox of this server (0 turns the periodic sweep off; start-up
-    /// always sweeps).
+    /// belong to no sandbox of this server. 0 turns the periodic sweep off, but start-up
+    /// always sweeps.
     #[arg(long, env = "HEARTH_SWEEP_INTERVAL_SECS", default_value_t = 30)]
     sweep_interval_secs: u64,
 
