@@ -204,6 +204,39 @@ fn template_fingerprint(paths: &TemplateBuildPaths) -> Vec<String> {
 /// TSC calibration when other guests load the host's cores, so no two VMs run at once here.
 static VM_TEST_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Threads that spin until dropped, to load the host's cores.
+struct CpuLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuLoad {
+    fn start(threads: usize) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for CpuLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
 fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -227,11 +260,16 @@ async fn vm_cold_boot_of_base_template_answers_health() {
         placement: VmPlacement { netns: Some(slot.slot.netns.clone()), run_dir: run_dir.path().to_owned() },
     };
 
+    // Two busy loops keep the host's cores loaded during the boot, as other guests and builds
+    // do. Without the TSC rate on the command line, the guest kernel's calibration failed under
+    // this load and its boot hung in 3 of 4 tries.
+    let load = CpuLoad::start(2);
     let mut vm = QemuDriver::from_env().boot_vm(&spec).await.unwrap();
     let console = run_dir.path().join("console.log");
     let waited = tokio::time::timeout(Duration::from_secs(90), wait_for_health(&slot.slot, Duration::from_secs(90)))
         .await
         .unwrap_or_else(|_| panic!("cold boot timed out; console: {}", std::fs::read_to_string(&console).unwrap_or_default()));
+    drop(load);
     eprintln!("MEASURED: cold boot launch to envd health {:.2} s", waited.as_secs_f64());
     let pid = vm.pid();
     vm.stop().await.unwrap();

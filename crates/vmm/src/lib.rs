@@ -11,6 +11,7 @@ mod log_tail;
 pub mod qemu;
 pub mod qmp;
 pub mod sandbox;
+pub mod tsc;
 
 use std::path::{Path, PathBuf};
 

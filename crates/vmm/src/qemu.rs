@@ -88,7 +88,12 @@ impl QemuDriver {
         if let Some(initrd) = &spec.initrd {
             args.extend(["-initrd".into(), path_arg(initrd)]);
         }
-        args.extend(["-append".into(), spec.cmdline.clone()]);
+        let cmdline = match self.accel.accel {
+            // TCG guests get the host's TSC rate, so a busy host cannot hang their boot (see `tsc`).
+            Accel::Tcg => crate::tsc::with_tsc_khz(&spec.cmdline, crate::tsc::host_tsc_khz()),
+            Accel::Kvm => spec.cmdline.clone(),
+        };
+        args.extend(["-append".into(), cmdline]);
 
         let mut vm = self.launch(args, &spec.placement, None).await?;
         vm.shared_memory = true;
