@@ -142,3 +142,22 @@ def test_stdin_closed_by_default(sbx):
 def test_command_timeout(sbx):
     with pytest.raises(TimeoutException):
         run(sbx, "sleep 30", timeout=3)
+
+
+def host_tsc_is_stable() -> bool:
+    """Returns whether the host has an invariant TSC that its kernel offers as a clock source."""
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
+    with open("/sys/devices/system/clocksource/clocksource0/available_clocksource") as sources:
+        return {"constant_tsc", "nonstop_tsc"} <= set(flags) and "tsc" in sources.read().split()
+
+
+def test_guest_clock_has_nanosecond_resolution(sbx):
+    if not host_tsc_is_stable():
+        pytest.skip("the host's TSC is not stable, so guests keep time with jiffies")
+    source = run(sbx, "cat /sys/devices/system/clocksource/clocksource0/current_clocksource").stdout.strip()
+    resolution = run(sbx, "python3 -c 'import time; print(time.clock_getres(time.CLOCK_MONOTONIC))'").stdout.strip()
+
+    assert source == "tsc"
+    # A jiffies clock source gives 0.004 here: one tick at 250 Hz.
+    assert float(resolution) == pytest.approx(1e-9)

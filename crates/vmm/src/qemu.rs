@@ -89,8 +89,9 @@ impl QemuDriver {
             args.extend(["-initrd".into(), path_arg(initrd)]);
         }
         let cmdline = match self.accel.accel {
-            // TCG guests get the host's TSC rate, so a busy host cannot hang their boot (see `tsc`).
-            Accel::Tcg => crate::tsc::with_tsc_khz(&spec.cmdline, crate::tsc::host_tsc_khz()),
+            // TCG guests get the host's TSC rate, so a busy host cannot hang their boot, and a
+            // stable TSC as clock source (see `tsc`).
+            Accel::Tcg => crate::tsc::tcg_cmdline(&spec.cmdline, crate::tsc::host_tsc()),
             Accel::Kvm => spec.cmdline.clone(),
         };
         args.extend(["-append".into(), cmdline]);

@@ -10,12 +10,22 @@
 //! `tsc_early_khz=` on the kernel command line gives the kernel the rate, so neither
 //! measurement can fail. Hearth measures the rate once per process, against the monotonic
 //! clock. KVM guests read it from kvmclock and get no such argument.
+//!
+//! Without more help such a guest still marks its TSC unstable ("TSCs unsynchronized": the
+//! emulated CPU claims no invariant TSC and is not Intel) and keeps time with jiffies. Its
+//! clocks then advance in 4 ms steps, and its idle vCPUs take every timer tick because the
+//! tick cannot stop without a high-resolution clock source. Where the host's own TSC is
+//! stable, `tsc=reliable` lets the guest use it. On this machine an idle sandbox then cost
+//! 1.4% of a core instead of 7.1%, and each vCPU took about 3 to 8 timer interrupts a second
+//! instead of 250 (30 s measurements).
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Kernel command line parameter that sets the TSC rate in kHz.
 const TSC_EARLY_KHZ: &str = "tsc_early_khz=";
+/// Kernel command line parameter that makes the guest trust its TSC.
+const TSC_RELIABLE: &str = "tsc=reliable";
 /// Length of one measurement.
 const SAMPLE: Duration = Duration::from_millis(10);
 /// Number of measurements; their median is the result.
@@ -23,18 +33,44 @@ const SAMPLES: usize = 3;
 /// Plausible TSC rates, in kHz: anything outside is a failed measurement.
 const PLAUSIBLE_KHZ: std::ops::RangeInclusive<u64> = 100_000..=10_000_000;
 
-/// Returns the host's TSC rate in kHz, measured on first use. Returns `None` where there is
-/// no TSC (not x86_64) or the measurement gave an implausible value.
-pub fn host_tsc_khz() -> Option<u64> {
-    static KHZ: OnceLock<Option<u64>> = OnceLock::new();
-    *KHZ.get_or_init(|| {
-        let khz = measure();
-        match khz {
-            Some(khz) => tracing::info!(khz, "measured the host's TSC rate for TCG guests"),
+/// The host's TSC, as TCG guests see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostTsc {
+    /// Rate in kHz.
+    pub khz: u64,
+    /// Whether the host kernel trusts its TSC: invariant, and a usable clock source.
+    pub stable: bool,
+}
+
+/// Returns the host's TSC, measured on first use. Returns `None` where there is no TSC
+/// (not x86_64) or the measurement gave an implausible value.
+pub fn host_tsc() -> Option<HostTsc> {
+    static TSC: OnceLock<Option<HostTsc>> = OnceLock::new();
+    *TSC.get_or_init(|| {
+        let tsc = measure().map(|khz| HostTsc { khz, stable: host_tsc_is_stable() });
+        match tsc {
+            Some(tsc) => tracing::info!(khz = tsc.khz, stable = tsc.stable, "measured the host's TSC for TCG guests"),
             None => tracing::warn!("could not measure the host's TSC rate; TCG guests calibrate it themselves"),
         }
-        khz
+        tsc
     })
+}
+
+/// Returns whether the host's CPUs have an invariant TSC and the host kernel still offers
+/// it as a clock source. A kernel that finds its TSC unstable withdraws it from that list.
+fn host_tsc_is_stable() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let sources = std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/available_clocksource")
+        .unwrap_or_default();
+    tsc_is_stable(&cpuinfo, &sources)
+}
+
+fn tsc_is_stable(cpuinfo: &str, available_clocksources: &str) -> bool {
+    let Some(flags) = cpuinfo.lines().find(|line| line.starts_with("flags")) else {
+        return false;
+    };
+    let has_flag = |name: &str| flags.split_whitespace().any(|flag| flag == name);
+    has_flag("constant_tsc") && has_flag("nonstop_tsc") && available_clocksources.split_whitespace().any(|source| source == "tsc")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -58,44 +94,66 @@ fn measure() -> Option<u64> {
     None
 }
 
-/// Returns `cmdline` with `tsc_early_khz=` added, unless the rate is unknown or the command
-/// line already sets it.
-pub fn with_tsc_khz(cmdline: &str, khz: Option<u64>) -> String {
-    match khz {
-        Some(khz) if !cmdline.split_whitespace().any(|word| word.starts_with(TSC_EARLY_KHZ)) => {
-            let rest = cmdline.trim_end();
-            let separator = if rest.is_empty() { "" } else { " " };
-            format!("{rest}{separator}{TSC_EARLY_KHZ}{khz}")
-        }
-        _ => cmdline.to_owned(),
+/// Returns `cmdline` with the TSC parameters for a TCG guest added: `tsc_early_khz=` when
+/// the rate is known, and `tsc=reliable` when the host's TSC is also stable. A parameter that
+/// the command line already sets is left as it is.
+pub fn tcg_cmdline(cmdline: &str, tsc: Option<HostTsc>) -> String {
+    let Some(tsc) = tsc else {
+        return cmdline.to_owned();
+    };
+    let sets = |prefix: &str| cmdline.split_whitespace().any(|word| word.starts_with(prefix));
+    let mut words: Vec<String> = cmdline.split_whitespace().map(str::to_owned).collect();
+    if !sets(TSC_EARLY_KHZ) {
+        words.push(format!("{TSC_EARLY_KHZ}{}", tsc.khz));
     }
+    if tsc.stable && !sets("tsc=") {
+        words.push(TSC_RELIABLE.to_owned());
+    }
+    words.join(" ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const STABLE: Option<HostTsc> = Some(HostTsc { khz: 2_596_138, stable: true });
+    const UNSTABLE: Option<HostTsc> = Some(HostTsc { khz: 2_596_138, stable: false });
+
     #[test]
-    fn adds_the_rate_once() {
-        assert_eq!(with_tsc_khz("console=ttyS0 quiet", Some(2_596_138)), "console=ttyS0 quiet tsc_early_khz=2596138");
-        assert_eq!(with_tsc_khz("", Some(1_000_000)), "tsc_early_khz=1000000");
+    fn stable_tsc_adds_rate_and_reliable() {
+        assert_eq!(tcg_cmdline("console=ttyS0 quiet", STABLE), "console=ttyS0 quiet tsc_early_khz=2596138 tsc=reliable");
+        assert_eq!(tcg_cmdline("", STABLE), "tsc_early_khz=2596138 tsc=reliable");
     }
 
     #[test]
-    fn keeps_a_rate_the_command_line_sets() {
-        let cmdline = "console=ttyS0 tsc_early_khz=123456 quiet";
-        assert_eq!(with_tsc_khz(cmdline, Some(2_596_138)), cmdline);
+    fn unstable_tsc_adds_only_the_rate() {
+        assert_eq!(tcg_cmdline("console=ttyS0", UNSTABLE), "console=ttyS0 tsc_early_khz=2596138");
     }
 
     #[test]
-    fn unknown_rate_leaves_the_command_line_alone() {
-        assert_eq!(with_tsc_khz("console=ttyS0", None), "console=ttyS0");
+    fn parameters_already_set_are_kept() {
+        let cmdline = "console=ttyS0 tsc_early_khz=123456 tsc=unstable quiet";
+        assert_eq!(tcg_cmdline(cmdline, STABLE), cmdline);
+    }
+
+    #[test]
+    fn unknown_tsc_leaves_the_command_line_alone() {
+        assert_eq!(tcg_cmdline("console=ttyS0", None), "console=ttyS0");
+    }
+
+    #[test]
+    fn stability_needs_both_flags_and_the_clock_source() {
+        let cpuinfo = "processor\t: 0\nflags\t\t: fpu tsc constant_tsc nonstop_tsc sse\n";
+        assert!(tsc_is_stable(cpuinfo, "tsc kvm-clock\n"));
+        assert!(!tsc_is_stable(cpuinfo, "kvm-clock hpet\n"));
+        assert!(!tsc_is_stable("flags\t\t: fpu tsc constant_tsc sse\n", "tsc\n"));
+        assert!(!tsc_is_stable("processor\t: 0\n", "tsc\n"));
     }
 
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn measurements_agree_within_half_a_percent() {
-        let first = host_tsc_khz().expect("an x86_64 host has a TSC");
+        let first = host_tsc().expect("an x86_64 host has a TSC").khz;
         let second = measure().expect("a second measurement");
         eprintln!("host TSC: {first} kHz, then {second} kHz");
         assert!(
