@@ -161,3 +161,20 @@ def test_guest_clock_has_nanosecond_resolution(sbx):
     assert source == "tsc"
     # A jiffies clock source gives 0.004 here: one tick at 250 Hz.
     assert float(resolution) == pytest.approx(1e-9)
+
+
+PIT_STATUS = """
+import os
+port = os.open("/dev/port", os.O_RDWR)
+os.pwrite(port, bytes([0xE2]), 0x43)  # read-back command: latch the status of channel 0
+print(os.pread(port, 1, 0x40)[0])
+"""
+
+
+def test_unused_pit_is_stopped(sbx):
+    clockevent = run(sbx, "cat /sys/devices/system/clockevents/clockevent0/current_device").stdout.strip()
+    status = int(run(sbx, f"sudo python3 -c '{PIT_STATUS}'").stdout)
+
+    assert clockevent == "lapic"
+    # Bits 1 to 3 hold the mode: 0 (one-shot, stopped at terminal count), not QEMU's reset mode 3.
+    assert (status >> 1) & 0b111 == 0

@@ -131,6 +131,16 @@ mount -t proc proc /proc || fail "mount /proc"
 mount -t sysfs sysfs /sys || fail "mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail "mount /dev"
 
+# QEMU resets the PIT to a square wave that interrupts every 27.5 ms. A kernel that keeps
+# time with its local APIC never reprograms it, so the timer keeps waking QEMU. One-shot
+# mode (control word 0x30 to port 0x43) with count 0 (two bytes to port 0x40) stops it.
+if ! grep -qsw pit /sys/devices/system/clockevents/*/current_device \
+        /sys/devices/system/clocksource/clocksource0/current_clocksource; then
+    printf '\060' | dd of=/dev/port bs=1 seek=67 conv=notrunc 2>/dev/null
+    printf '\000' | dd of=/dev/port bs=1 seek=64 conv=notrunc 2>/dev/null
+    printf '\000' | dd of=/dev/port bs=1 seek=64 conv=notrunc 2>/dev/null
+fi
+
 mmio_args=""
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
@@ -189,5 +199,14 @@ mod tests {
         ));
         assert!(script.contains("ip addr add 169.254.0.21/30 dev eth0"));
         assert!(script.ends_with("exec switch_root /newroot /usr/bin/envd\n"));
+    }
+
+    #[test]
+    fn init_script_stops_an_unused_pit() {
+        let script = init_script("6.1.0-57-amd64", &[], "hearth");
+
+        assert!(script.contains("grep -qsw pit /sys/devices/system/clockevents/*/current_device"));
+        assert!(script.contains("printf '\\060' | dd of=/dev/port bs=1 seek=67 conv=notrunc"));
+        assert_eq!(script.matches("printf '\\000' | dd of=/dev/port bs=1 seek=64 conv=notrunc").count(), 2);
     }
 }
