@@ -69,5 +69,7 @@ Point the E2B SDK at it:
   export E2B_API_URL=http://127.0.0.1:3000
   export E2B_SANDBOX_URL=http://127.0.0.1:3001
   export E2B_API_KEY=$api_key
+Run your E2B code with the SDK installed in ${HEARTH_VENV:-/opt/hearth-venv}:
+  ${HEARTH_VENV:-/opt/hearth-venv}/bin/python your_script.py
 Stop it with: kill \$(cat $data_dir/server.pid)
 MSG

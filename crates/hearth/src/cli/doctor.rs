@@ -47,6 +47,17 @@ pub async fn run(_args: DoctorArgs) -> anyhow::Result<()> {
 
     let accel = hearth_vmm::accel::choose_accel();
     checks.push(Check { name: "accelerator", ok: true, detail: format!("QEMU with {}: {}", accel.accel, accel.reason) });
+    let firecracker = hearth_vmm::firecracker::firecracker_binary_from_env();
+    let firecracker_detail = match &firecracker {
+        Some(binary) => binary.display().to_string(),
+        None => "not installed (optional; scripts/install-firecracker.sh installs it)".to_owned(),
+    };
+    checks.push(Check { name: "firecracker", ok: true, detail: firecracker_detail });
+    let vmm = match super::vmm::auto_choice(&accel, firecracker) {
+        (super::vmm::AutoVmm::Firecracker(_), reason) => format!("`--vmm auto` picks firecracker: {reason}"),
+        (super::vmm::AutoVmm::Qemu, reason) => format!("`--vmm auto` picks qemu with {}: {reason}", accel.accel),
+    };
+    checks.push(Check { name: "vmm", ok: true, detail: vmm });
 
     let mut failed = 0;
     for check in &checks {

@@ -204,7 +204,7 @@ pub async fn ensure_base_template(
             }
         }
     }
-    tracing::info!("base template missing: building it now (debootstrap, kernel, first boot; several minutes under TCG)");
+    tracing::info!("base template missing: building it now (debootstrap, kernel, first boot; about a minute under TCG, longer while packages download)");
     build_and_register(data_dir, store, slots, driver, envd, None).await?;
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use hearth_vmm::accel::AccelChoice;
 use hearth_vmm::{Accel, FirecrackerConfig, FirecrackerDriver, QemuDriver, VmmDriver};
 
 /// VMM to run sandboxes with.
@@ -45,15 +46,9 @@ impl VmmArgs {
             }
             VmmChoice::Auto => {
                 let qemu = QemuDriver::from_env();
-                match (qemu.accel().accel, firecracker) {
-                    (Accel::Kvm, Some(binary)) => {
-                        (firecracker_driver(binary), "KVM can boot guests and a firecracker binary is installed".into())
-                    }
-                    (Accel::Kvm, None) => (Arc::new(qemu), "no firecracker binary is installed".into()),
-                    (Accel::Tcg, _) => {
-                        let reason = format!("KVM cannot boot guests here ({})", qemu.accel().reason);
-                        (Arc::new(qemu), reason)
-                    }
+                match auto_choice(qemu.accel(), firecracker) {
+                    (AutoVmm::Firecracker(binary), reason) => (firecracker_driver(binary), reason),
+                    (AutoVmm::Qemu, reason) => (Arc::new(qemu), reason),
                 }
             }
         };
@@ -62,6 +57,51 @@ impl VmmArgs {
     }
 }
 
+/// VMM that `--vmm auto` picks.
+pub enum AutoVmm {
+    /// Firecracker, with this binary.
+    Firecracker(PathBuf),
+    /// QEMU, with the accelerator it chose.
+    Qemu,
+}
+
+/// Returns the VMM that `--vmm auto` picks on a host with this accelerator and Firecracker
+/// binary, and the reason.
+pub fn auto_choice(accel: &AccelChoice, firecracker: Option<PathBuf>) -> (AutoVmm, String) {
+    match (accel.accel, firecracker) {
+        (Accel::Kvm, Some(binary)) => {
+            (AutoVmm::Firecracker(binary), "KVM can boot guests and a firecracker binary is installed".into())
+        }
+        (Accel::Kvm, None) => (AutoVmm::Qemu, "no firecracker binary is installed".into()),
+        (Accel::Tcg, _) => (AutoVmm::Qemu, format!("KVM cannot boot guests here ({})", accel.reason)),
+    }
+}
+
 fn firecracker_driver(binary: PathBuf) -> Arc<dyn VmmDriver> {
     Arc::new(FirecrackerDriver::new(FirecrackerConfig { binary, ..FirecrackerConfig::default() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accel(accel: Accel) -> AccelChoice {
+        AccelChoice { accel, reason: "probe".into() }
+    }
+
+    #[test]
+    fn auto_picks_firecracker_only_with_kvm_and_binary() {
+        let binary = PathBuf::from("/usr/local/lib/hearth/firecracker");
+
+        assert!(matches!(auto_choice(&accel(Accel::Kvm), Some(binary.clone())).0, AutoVmm::Firecracker(path) if path == binary));
+        assert!(matches!(auto_choice(&accel(Accel::Kvm), None).0, AutoVmm::Qemu));
+        assert!(matches!(auto_choice(&accel(Accel::Tcg), Some(binary)).0, AutoVmm::Qemu));
+    }
+
+    #[test]
+    fn auto_reason_names_the_accelerator_probe_under_tcg() {
+        let (_, reason) = auto_choice(&accel(Accel::Tcg), None);
+
+        assert_eq!(reason, "KVM cannot boot guests here (probe)");
+    }
 }
