@@ -89,8 +89,8 @@ impl QemuDriver {
             args.extend(["-initrd".into(), path_arg(initrd)]);
         }
         let cmdline = match self.accel.accel {
-            // TCG guests get the host's TSC rate, so a busy host cannot hang their boot, and a
-            // stable TSC as clock source (see `tsc`).
+            // TCG guests get the host's TSC rate, so a busy host cannot hang their boot. Where
+            // the host's TSC is stable, they also keep time with it (see `tsc`).
             Accel::Tcg => crate::tsc::tcg_cmdline(&spec.cmdline, crate::tsc::host_tsc()),
             Accel::Kvm => spec.cmdline.clone(),
         };

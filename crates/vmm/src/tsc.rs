@@ -1,23 +1,17 @@
-//! The host's TSC frequency, passed to guests that QEMU emulates with TCG.
+//! The host's TSC rate and stability, passed to guests that QEMU emulates with TCG.
 //!
 //! Under TCG a guest's `rdtsc` returns the host's TSC, so the guest's TSC runs at the host's
-//! rate. A guest kernel without kvmclock measures that rate against the PIT at boot. When the
-//! host's cores are busy (other guests, a build), both PIT methods fail on the emulated
-//! timer's jitter; Debian's 6.1 kernel then prints "Marking TSC unstable due to could not
-//! calculate TSC khz" and hangs in the delay loop calibration. In a run with two busy loops
-//! on this 2-core machine, 3 of 4 cold boots hung there.
+//! rate. A guest kernel without kvmclock measures that rate against the PIT at boot. On a
+//! busy host both PIT methods fail on the emulated timer's jitter, and Debian's 6.1 kernel
+//! then hangs in its delay loop calibration (3 of 4 cold boots with two busy loops on a
+//! 2-core host). `tsc_early_khz=` gives the kernel the rate, so no calibration can fail.
 //!
-//! `tsc_early_khz=` on the kernel command line gives the kernel the rate, so neither
-//! measurement can fail. Hearth measures the rate once per process, against the monotonic
-//! clock. KVM guests read it from kvmclock and get no such argument.
-//!
-//! Without more help such a guest still marks its TSC unstable ("TSCs unsynchronized": the
-//! emulated CPU claims no invariant TSC and is not Intel) and keeps time with jiffies. Its
-//! clocks then advance in 4 ms steps, and its idle vCPUs take every timer tick because the
-//! tick cannot stop without a high-resolution clock source. Where the host's own TSC is
-//! stable, `tsc=reliable` lets the guest use it. On this machine an idle sandbox then cost
-//! 1.4% of a core instead of 7.1%, and each vCPU took about 3 to 8 timer interrupts a second
-//! instead of 250 (30 s measurements).
+//! Such a guest also marks its TSC unstable ("TSCs unsynchronized", because the emulated CPU
+//! claims no invariant TSC and is not Intel) and keeps time with jiffies. Its clocks then
+//! advance in 4 ms steps, and idle vCPUs keep their timer tick. Where the host's own TSC is
+//! stable, `tsc=reliable` lets the guest use it. An idle sandbox then cost 1.4% of a core
+//! instead of 7.1% in 30 s measurements on a 2-core test host. KVM guests read the rate
+//! from kvmclock and get neither parameter.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -28,7 +22,7 @@ const TSC_EARLY_KHZ: &str = "tsc_early_khz=";
 const TSC_RELIABLE: &str = "tsc=reliable";
 /// Length of one measurement.
 const SAMPLE: Duration = Duration::from_millis(10);
-/// Number of measurements; their median is the result.
+/// Number of measurements. Their median is the result.
 const SAMPLES: usize = 3;
 /// Plausible TSC rates, in kHz: anything outside is a failed measurement.
 const PLAUSIBLE_KHZ: std::ops::RangeInclusive<u64> = 100_000..=10_000_000;
@@ -50,7 +44,7 @@ pub fn host_tsc() -> Option<HostTsc> {
         let tsc = measure().map(|khz| HostTsc { khz, stable: host_tsc_is_stable() });
         match tsc {
             Some(tsc) => tracing::info!(khz = tsc.khz, stable = tsc.stable, "measured the host's TSC for TCG guests"),
-            None => tracing::warn!("could not measure the host's TSC rate; TCG guests calibrate it themselves"),
+            None => tracing::warn!("failed to measure the host's TSC rate, so TCG guests calibrate it themselves"),
         }
         tsc
     })
@@ -65,12 +59,16 @@ fn host_tsc_is_stable() -> bool {
     tsc_is_stable(&cpuinfo, &sources)
 }
 
+/// Returns whether `/proc/cpuinfo` text names an invariant TSC and the clock source list
+/// contains `tsc`.
 fn tsc_is_stable(cpuinfo: &str, available_clocksources: &str) -> bool {
     let Some(flags) = cpuinfo.lines().find(|line| line.starts_with("flags")) else {
         return false;
     };
     let has_flag = |name: &str| flags.split_whitespace().any(|flag| flag == name);
-    has_flag("constant_tsc") && has_flag("nonstop_tsc") && available_clocksources.split_whitespace().any(|source| source == "tsc")
+    let offered = available_clocksources.split_whitespace().any(|source| source == "tsc");
+
+    has_flag("constant_tsc") && has_flag("nonstop_tsc") && offered
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -79,10 +77,12 @@ fn measure() -> Option<u64> {
     let read = || unsafe { core::arch::x86_64::_rdtsc() };
     let mut rates: Vec<u64> = (0..SAMPLES)
         .map(|_| {
-            let (start, start_ticks) = (Instant::now(), read());
+            let start = Instant::now();
+            let start_ticks = read();
             std::thread::sleep(SAMPLE);
-            let (ticks, elapsed) = (read().wrapping_sub(start_ticks), start.elapsed());
-            (ticks as u128 * 1_000_000 / elapsed.as_nanos().max(1)) as u64
+            let ticks = read().wrapping_sub(start_ticks);
+            let elapsed_ns = start.elapsed().as_nanos().max(1);
+            (ticks as u128 * 1_000_000 / elapsed_ns) as u64
         })
         .collect();
     rates.sort_unstable();
@@ -142,7 +142,7 @@ mod tests {
     }
 
     #[test]
-    fn stability_needs_both_flags_and_the_clock_source() {
+    fn stable_needs_flags_and_clocksource() {
         let cpuinfo = "processor\t: 0\nflags\t\t: fpu tsc constant_tsc nonstop_tsc sse\n";
         assert!(tsc_is_stable(cpuinfo, "tsc kvm-clock\n"));
         assert!(!tsc_is_stable(cpuinfo, "kvm-clock hpet\n"));

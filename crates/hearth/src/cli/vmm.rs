@@ -90,7 +90,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_picks_firecracker_only_with_kvm_and_binary() {
+    fn auto_firecracker_needs_kvm_and_binary() {
         let binary = PathBuf::from("/usr/local/lib/hearth/firecracker");
 
         assert!(matches!(auto_choice(&accel(Accel::Kvm), Some(binary.clone())).0, AutoVmm::Firecracker(path) if path == binary));
@@ -99,7 +99,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_reason_names_the_accelerator_probe_under_tcg() {
+    fn tcg_reason_names_accel_probe() {
         let (_, reason) = auto_choice(&accel(Accel::Tcg), None);
 
         assert_eq!(reason, "KVM cannot boot guests here (probe)");
